@@ -1,0 +1,19 @@
+"""Shared pytest set-up: hypothesis profiles and the repository root on sys.path.
+
+Profiles: `dev` (default) has no deadline; `ci` (selected when the environment variable CI is
+set) is also derandomized so a CI run is reproducible.
+"""
+import os
+import sys
+
+import torch
+from hypothesis import settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+settings.register_profile("dev", deadline=None, max_examples=25)
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
