@@ -1,0 +1,408 @@
+"""A differentiable mesh renderer: camera, rasterizer, barycentrics, spherical-harmonics shading.
+
+This is the decoder of the model-based face autoencoder R (paper Sec. 3.1, Fig. 2): it turns
+the face model's vertices and albedo, the 27 illumination numbers phi and the 6 camera numbers
+c into the rendered image I_R, the rendered face region (the S_R of Eq. 3, where segmentation
+metrics are computed) and the projected 68 landmarks lm_R of Eq. 7.
+
+Like every fast renderer (nvdiffrast, pytorch3d, Deep3D, the official FOCUS code), it splits
+into a gradient-free visibility step and a differentiable step:
+
+1. `camera_transform` + `project` (grad): rotate, translate, perspective divide.
+2. `rasterize` (no grad): which triangle covers each pixel centre. Every (triangle,
+   pixel-in-bounding-box) pair becomes one entry of a flat candidate list, the inside test is
+   three edge functions, and visibility is one `scatter_reduce(amin)` over a 64-bit key packing
+   the depth bits above the face id (nearest wins, ties go to the lower face id). No Python
+   loop over batch, triangles or tiles; candidates are processed in chunks of bounded size.
+3. `barycentrics` (grad): perspective-correct barycentric weights of each covered pixel.
+4. `interpolate` (grad): any per-vertex attribute (albedo, normals, shaded colour) at pixels.
+
+Gradients reach the vertices through the barycentric weights inside covered pixels only, as in
+Deep3D and the official FOCUS code: silhouettes and the region mask carry no gradient.
+
+Conventions (shape letters B batch, V vertices, F faces, N covered pixels, H x W image):
+- Model space: millimetres, x right, y up, z towards the viewer. Triangles are
+  counter-clockwise seen from the front; back faces are culled.
+- pose c = (pitch, yaw, roll, tx, ty, tz): Euler angles in radians about x, y, z, applied as
+  R = Rz Ry Rx, then the translation (mm) in model space. The camera sits at z = 1000 mm on
+  the model's z axis looking at the origin, so c = 0 shows the face frontal about 1 m away.
+- Camera space (OpenCV): x right, y down, z forward. Pixel centres at integer coordinates,
+  principal point ((W-1)/2, (H-1)/2), focal length 1014.72 px at 224 x 224 (the official
+  code's), scaled with min(H, W) so the face fills the same fraction at every size.
+- Images (B, C, H, W), masks (B, 1, H, W); `verts_pix` (B, V, 3) holds pixel x, pixel y and
+  camera depth z (mm).
+- Lighting: 9 real orthonormal SH functions of the world-space unit normal per RGB channel,
+  phi laid out (B, 27) = (B, 3 channels, 9); an ambient offset of 0.7 * 2 pi on each channel's
+  phi_0 (the official code's) makes phi = 0 render 1.24 x albedo.
+
+Deviations from the paper: none in substance; the paper does not specify the renderer. The
+face is lit in world space (normals rotated with the head), as Deep3D and FOCUS do.
+
+Run `python renderer.py` to write a grid of random toy faces (out/renderer_demo.png);
+`python -m pytest tests/test_renderer.py` tests this module.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+
+FOCAL_224 = 1014.72  # px at 224 x 224, official FOCUS / Deep3D camera
+CAMERA_DISTANCE = 1000.0  # mm from the camera to the model-space origin
+NEAR = 1.0  # mm; triangles with a vertex closer than this to the camera are culled
+SH_AMBIENT = 0.7 * 2 * math.pi  # offset on phi_0 of each channel (official code)
+SH_CONSTANTS = (0.282095, 0.488603, 1.092548, 0.315392, 0.546274)
+CHUNK_SIZE = 1 << 22  # candidate (triangle, pixel) pairs per rasterizer chunk
+
+
+class Fragments(NamedTuple):
+    """The covered pixels of a batch, as flat lists (N = number of covered pixels)."""
+    pixels: torch.Tensor  # (N,) long, flat index b * H * W + y * W + x
+    vertex_ids: torch.Tensor  # (N, 3) long, global vertex ids b * V + v
+    weights: torch.Tensor  # (N, 3) perspective-correct barycentric weights, sum to 1
+
+
+class Rendered(NamedTuple):
+    image: torch.Tensor  # (B, 3, H, W), zero outside the face
+    region: torch.Tensor  # (B, 1, H, W) float in {0, 1}: rendered face region, no gradient
+    face_id: torch.Tensor  # (B, H, W) long, -1 = background
+    landmarks: torch.Tensor  # (B, 68, 2) pixel coordinates (x right, y down)
+
+
+# ----------------------------------------------------------------------------- camera
+
+def focal_length(height: int, width: int) -> float:
+    """Focal length in pixels for an H x W image (1014.72 at 224 x 224)."""
+    return FOCAL_224 * min(height, width) / 224.0
+
+
+def euler_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices R = Rz(roll) Ry(yaw) Rx(pitch).
+
+    Args:
+        angles: (B, 3) pitch, yaw, roll in radians.
+    Returns:
+        (B, 3, 3) rotation matrices acting on column vectors.
+    """
+    if angles.dim() != 2 or angles.shape[1] != 3:
+        raise ValueError(f"angles must be (B, 3), got {tuple(angles.shape)}")
+    cos, sin = torch.cos(angles), torch.sin(angles)  # (B, 3)
+    one, zero = torch.ones_like(cos[:, 0]), torch.zeros_like(cos[:, 0])
+    cx, cy, cz = cos.unbind(1)
+    sx, sy, sz = sin.unbind(1)
+    rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], 1).view(-1, 3, 3)
+    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], 1).view(-1, 3, 3)
+    rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], 1).view(-1, 3, 3)
+    return rz @ ry @ rx  # (B, 3, 3)
+
+
+def rigid_transform(vertices: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+    """Pose the model: p_world = R p + t, still in the model's axes (y up, z to the camera).
+
+    Args:
+        vertices: (B, V, 3) model space, mm.
+        pose: (B, 6) pitch, yaw, roll (radians), tx, ty, tz (mm).
+    Returns:
+        (B, V, 3) posed vertices, mm.
+    """
+    _check_points(vertices, "vertices")
+    if pose.shape != (vertices.shape[0], 6):
+        raise ValueError(f"pose must be (B, 6) = ({vertices.shape[0]}, 6), got {tuple(pose.shape)}")
+    rotation = euler_rotation(pose[:, :3])  # (B, 3, 3)
+    # p_world = R p + t
+    return vertices @ rotation.transpose(1, 2) + pose[:, None, 3:]  # (B, V, 3)
+
+
+def camera_transform(vertices: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+    """Model space to OpenCV camera space: pose, then view from z = CAMERA_DISTANCE.
+
+    Args:
+        vertices: (B, V, 3) model space, mm.
+        pose: (B, 6) as in `rigid_transform`.
+    Returns:
+        (B, V, 3) camera-space points (x right, y down, z forward), mm.
+    """
+    return world_to_camera(rigid_transform(vertices, pose))
+
+
+def world_to_camera(world: torch.Tensor) -> torch.Tensor:
+    """(B, V, 3) posed points (y up, z to the camera) to camera space (y down, z forward)."""
+    x, y, z = world.unbind(-1)
+    # camera at (0, 0, d) looking down -z: x stays, y flips, depth = d - z
+    return torch.stack([x, -y, CAMERA_DISTANCE - z], -1)  # (B, V, 3)
+
+
+def project(points_cam: torch.Tensor, *, height: int, width: int) -> torch.Tensor:
+    """Perspective projection to pixel coordinates, keeping camera depth.
+
+    Args:
+        points_cam: (B, V, 3) camera space, z > 0 in front of the camera.
+    Returns:
+        (B, V, 3) = pixel x, pixel y, camera depth z. Points with z <= 0 project to garbage
+        pixel positions; the rasterizer culls their triangles.
+    """
+    _check_points(points_cam, "points_cam")
+    f = focal_length(height, width)
+    x, y, z = points_cam.unbind(-1)
+    # avoid dividing by ~0 for points at or behind the camera plane (they are culled anyway)
+    z_safe = torch.where(z.abs() < 1e-6, torch.full_like(z, 1e-6), z)
+    # u = f x / z + c_x,  v = f y / z + c_y
+    u = f * x / z_safe + (width - 1) / 2.0
+    v = f * y / z_safe + (height - 1) / 2.0
+    return torch.stack([u, v, z], -1)  # (B, V, 3)
+
+
+# ----------------------------------------------------------------------------- shading
+
+def vertex_normals(vertices: torch.Tensor, triangles: torch.Tensor) -> torch.Tensor:
+    """Area-weighted vertex normals (unit length), outward for counter-clockwise triangles.
+
+    Args:
+        vertices: (B, V, 3).
+        triangles: (F, 3) long.
+    Returns:
+        (B, V, 3) unit normals.
+    """
+    B, V, _ = _check_points(vertices, "vertices")
+    _check_triangles(triangles, V)
+    v0, v1, v2 = vertices[:, triangles].unbind(2)  # 3 x (B, F, 3)
+    # n_f = (v1 - v0) x (v2 - v0), length = twice the triangle area
+    face_normals = torch.cross(v1 - v0, v2 - v0, dim=-1)  # (B, F, 3)
+    # n_v = sum of n_f over the faces around v: one index_add over the flattened corner list
+    corner_normals = face_normals.repeat_interleave(3, dim=1)  # (B, 3F, 3)
+    summed = vertices.new_zeros(B, V, 3).index_add(1, triangles.reshape(-1), corner_normals)
+    return torch.nn.functional.normalize(summed, dim=-1, eps=1e-12)  # (B, V, 3)
+
+
+def sh_basis(normals: torch.Tensor) -> torch.Tensor:
+    """The 9 real orthonormal spherical harmonics Y_0..Y_8 of unit vectors.
+
+    Order (l, m): (0,0), (1,-1), (1,0), (1,1), (2,-2), (2,-1), (2,0), (2,1), (2,2).
+
+    Args:
+        normals: (..., 3) unit vectors.
+    Returns:
+        (..., 9).
+    """
+    c0, c1, c2, c3, c4 = SH_CONSTANTS
+    x, y, z = normals.unbind(-1)
+    return torch.stack([
+        torch.full_like(x, c0),
+        c1 * y, c1 * z, c1 * x,
+        c2 * x * y, c2 * y * z, c3 * (3 * z * z - 1), c2 * x * z, c4 * (x * x - y * y),
+    ], -1)  # (..., 9)
+
+
+def shade(albedo: torch.Tensor, normals: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
+    """Lambertian SH shading: colour_c = albedo_c * sum_k phi_ck Y_k(n).
+
+    Args:
+        albedo: (B, V, 3).
+        normals: (B, V, 3) unit normals in world space.
+        sh: (B, 27) phi, 9 coefficients per RGB channel; SH_AMBIENT is added to phi_0.
+    Returns:
+        (B, V, 3) shaded vertex colours.
+    """
+    B, V, _ = _check_points(albedo, "albedo")
+    if sh.shape != (B, 27):
+        raise ValueError(f"sh must be (B, 27) = ({B}, 27), got {tuple(sh.shape)}")
+    phi = sh.view(B, 3, 9) + sh.new_tensor([SH_AMBIENT] + [0.0] * 8)  # (B, 3, 9)
+    # irradiance_c(v) = sum_k Y_k(n_v) phi_ck
+    irradiance = sh_basis(normals) @ phi.transpose(1, 2)  # (B, V, 3)
+    return albedo * irradiance  # (B, V, 3)
+
+
+# ----------------------------------------------------------------------------- rasterizer
+
+def _edge(ax, ay, bx, by, px, py):
+    """Edge function of the directed edge a -> b at point p: twice the signed area of
+    (a, b, p), positive when p lies counter-clockwise of a -> b in the frame of the numbers."""
+    return (bx - ax) * (py - ay) - (by - ay) * (px - ax)
+
+
+def _screen_weights(x, y, px, py):
+    """Unnormalised screen-space barycentrics of pixel p in triangles with corners (x, y, z).
+
+    The model's counter-clockwise front faces appear clockwise on the y-down screen, where
+    `_edge` is negative inside; the sign flip makes the three weights >= 0 inside a front
+    face, with a positive sum (twice the pixel area).
+    Args:
+        x, y: (..., 3) corner pixel x and y. px, py: (...,) pixel centre.
+    Returns:
+        (..., 3) weights w_i (opposite corner i), un-normalised.
+    """
+    x0, x1, x2 = x.unbind(-1)
+    y0, y1, y2 = y.unbind(-1)
+    w0 = -_edge(x1, y1, x2, y2, px, py)
+    w1 = -_edge(x2, y2, x0, y0, px, py)
+    w2 = -_edge(x0, y0, x1, y1, px, py)
+    return torch.stack([w0, w1, w2], -1)
+
+
+@torch.no_grad()
+def rasterize(verts_pix: torch.Tensor, triangles: torch.Tensor, height: int, width: int, *,
+              chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
+    """Which triangle is visible at each pixel centre (no gradient).
+
+    Args:
+        verts_pix: (B, V, 3) pixel x, pixel y, camera depth z.
+        triangles: (F, 3) long, counter-clockwise seen from the front.
+        height, width: image size.
+        chunk_size: at most this many (triangle, pixel) candidates are held at once.
+    Returns:
+        (B, H, W) long face index in [0, F), -1 where no front-facing triangle covers the
+        pixel centre. Triangles with a vertex nearer than NEAR, back faces and degenerate
+        triangles are culled; a pixel centre on a shared edge goes to the nearer triangle,
+        then to the lower face id.
+    """
+    B, V, _ = _check_points(verts_pix, "verts_pix")
+    _check_triangles(triangles, V)
+    if height <= 0 or width <= 0 or chunk_size <= 0:
+        raise ValueError(f"height, width, chunk_size must be positive, got {height}, {width}, {chunk_size}")
+    F = triangles.shape[0]
+    device = verts_pix.device
+    corners = verts_pix[:, triangles].reshape(B * F, 3, 3)  # (BF, corner, xyz)
+    x, y, z = corners.unbind(-1)  # 3 x (BF, 3)
+
+    # cull: behind/near the camera, back-facing or degenerate (signed area <= 0 after flip)
+    # twice the signed screen area, positive for front faces (counter-clockwise in model space)
+    area = -_edge(x[:, 0], y[:, 0], x[:, 1], y[:, 1], x[:, 2], y[:, 2])  # (BF,)
+    keep = (z.min(-1).values > NEAR) & (area > 1e-9)
+    # bounding box of the pixel centres the triangle may cover, clamped to the image
+    x_lo = x.min(-1).values.ceil().clamp(min=0)
+    x_hi = x.max(-1).values.floor().clamp(max=width - 1)
+    y_lo = y.min(-1).values.ceil().clamp(min=0)
+    y_hi = y.max(-1).values.floor().clamp(max=height - 1)
+    zero = torch.zeros_like(x_lo)
+    # an empty box (triangle between pixel centres or off-screen) or a culled triangle: 0
+    box_w = torch.where(keep, (x_hi - x_lo + 1).clamp(min=0), zero).long()  # (BF,)
+    box_h = torch.where(keep, (y_hi - y_lo + 1).clamp(min=0), zero).long()
+    x_lo, y_lo = torch.where(keep, x_lo, zero).long(), torch.where(keep, y_lo, zero).long()
+    counts = box_w * box_h  # (BF,) candidates per triangle
+    ends = counts.cumsum(0)  # (BF,) exclusive end of each triangle's candidate range
+    total = int(ends[-1]) if ends.numel() else 0
+
+    # key = depth bits (float32, positive, so its bit pattern orders like the value) << 32 | f
+    empty = torch.iinfo(torch.int64).max
+    best = torch.full((B * height * width,), empty, dtype=torch.int64, device=device)
+    for start in range(0, total, chunk_size):
+        cand = torch.arange(start, min(start + chunk_size, total), device=device)  # (C,)
+        tri = torch.searchsorted(ends, cand, right=True)  # (C,) flat triangle b * F + f
+        local = cand - (ends[tri] - counts[tri])  # index inside the triangle's box
+        px = x_lo[tri] + local % box_w[tri]  # (C,) pixel centre
+        py = y_lo[tri] + local // box_w[tri]
+        cx, cy, cz = x[tri], y[tri], z[tri]  # (C, 3) each
+        w = _screen_weights(cx, cy, px.to(cx.dtype), py.to(cy.dtype))  # (C, 3)
+        inside = (w >= 0).all(-1)
+        w, cz, tri, px, py = w[inside], cz[inside], tri[inside], px[inside], py[inside]
+        # 1/z is affine in screen space: z = 1 / sum_i (w_i / S) / z_i
+        depth = w.sum(-1) / (w / cz).sum(-1)  # (C',)
+        b = tri // F
+        pixel = (b * height + py.long()) * width + px.long()
+        key = (_float_bits(depth) << 32) | (tri - b * F)
+        best.scatter_reduce_(0, pixel, key, reduce="amin")
+
+    face_id = torch.where(best == empty, torch.full_like(best, -1), best & 0xFFFFFFFF)
+    return face_id.view(B, height, width)
+
+
+def _float_bits(values: torch.Tensor) -> torch.Tensor:
+    """int64 holding the IEEE bits of float32(values); monotone in the value for values > 0."""
+    return values.float().view(torch.int32).long()
+
+
+# ----------------------------------------------------------------------------- interpolation
+
+def barycentrics(verts_pix: torch.Tensor, triangles: torch.Tensor,
+                 face_id: torch.Tensor) -> Fragments:
+    """Perspective-correct barycentric weights of the covered pixels (differentiable).
+
+    Args:
+        verts_pix: (B, V, 3) pixel x, pixel y, camera depth z (gradients flow to all three).
+        triangles: (F, 3) long.
+        face_id: (B, H, W) long from `rasterize`.
+    Returns:
+        Fragments with N = number of pixels where face_id >= 0.
+    """
+    B, V, _ = _check_points(verts_pix, "verts_pix")
+    _, H, W = face_id.shape
+    pixels = (face_id.reshape(-1) >= 0).nonzero().squeeze(1)  # (N,)
+    b = pixels // (H * W)
+    vertex_ids = triangles[face_id.reshape(-1)[pixels]] + (b * V)[:, None]  # (N, 3)
+    # flat index_select: its backward is a cheap index_add
+    corners = verts_pix.reshape(B * V, 3).index_select(0, vertex_ids.reshape(-1)).view(-1, 3, 3)
+    x, y, z = corners.unbind(-1)  # 3 x (N, 3)
+    px = (pixels % W).to(x.dtype)
+    py = ((pixels // W) % H).to(x.dtype)
+    w = _screen_weights(x, y, px, py)  # (N, 3) screen-space, un-normalised
+    # perspective correction: lambda_i = (w_i / z_i) / sum_j (w_j / z_j)
+    w_over_z = w / z
+    weights = w_over_z / w_over_z.sum(-1, keepdim=True)  # (N, 3)
+    return Fragments(pixels, vertex_ids, weights)
+
+
+def interpolate(attributes: torch.Tensor, fragments: Fragments, *, height: int,
+                width: int) -> torch.Tensor:
+    """Interpolate per-vertex attributes at the covered pixels; zero elsewhere.
+
+    Args:
+        attributes: (B, V, C).
+        fragments: from `barycentrics` on the same batch.
+    Returns:
+        (B, C, H, W).
+    """
+    B, V, C = attributes.shape
+    corner_values = attributes.reshape(B * V, C).index_select(
+        0, fragments.vertex_ids.reshape(-1)).view(-1, 3, C)  # (N, 3, C)
+    # a(p) = sum_i lambda_i a_i
+    values = (fragments.weights.unsqueeze(-1) * corner_values).sum(1)  # (N, C)
+    flat = attributes.new_zeros(B * height * width, C).index_put((fragments.pixels,), values)
+    return flat.view(B, height, width, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+# ----------------------------------------------------------------------------- render
+
+def render(vertices: torch.Tensor, albedo: torch.Tensor, sh: torch.Tensor, pose: torch.Tensor,
+           triangles: torch.Tensor, landmark_ids: torch.Tensor, *, height: int,
+           width: int) -> Rendered:
+    """Render shaded faces: I_R = R(theta) of the paper, with region and landmarks.
+
+    Args:
+        vertices: (B, V, 3) model space, mm.
+        albedo: (B, V, 3) in [0, 1].
+        sh: (B, 27) illumination phi.
+        pose: (B, 6) camera c: pitch, yaw, roll (radians), translation (mm).
+        triangles: (F, 3) long, counter-clockwise seen from the front.
+        landmark_ids: (K,) long vertex ids (K = 68 for the face models).
+    Returns:
+        Rendered(image (B, 3, H, W), region (B, 1, H, W), face_id (B, H, W),
+        landmarks (B, K, 2)).
+    """
+    B, V, _ = _check_points(vertices, "vertices")
+    if albedo.shape != vertices.shape:
+        raise ValueError(f"albedo must be {tuple(vertices.shape)}, got {tuple(albedo.shape)}")
+    world = rigid_transform(vertices, pose)  # (B, V, 3)
+    verts_pix = project(world_to_camera(world), height=height, width=width)  # (B, V, 3)
+    colors = shade(albedo, vertex_normals(world, triangles), sh)  # (B, V, 3)
+    face_id = rasterize(verts_pix.detach(), triangles, height, width)  # (B, H, W)
+    fragments = barycentrics(verts_pix, triangles, face_id)
+    image = interpolate(colors, fragments, height=height, width=width)  # (B, 3, H, W)
+    region = (face_id >= 0).unsqueeze(1).to(vertices.dtype)  # (B, 1, H, W)
+    landmarks = verts_pix[:, landmark_ids, :2]  # (B, K, 2)
+    return Rendered(image, region, face_id, landmarks)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_points(points: torch.Tensor, name: str):
+    if not torch.is_tensor(points) or points.dim() != 3 or points.shape[-1] != 3:
+        shape = tuple(points.shape) if torch.is_tensor(points) else type(points).__name__
+        raise ValueError(f"{name} must be a (B, V, 3) tensor, got {shape}")
+    return points.shape
+
+
+def _check_triangles(triangles: torch.Tensor, num_vertices: int) -> None:
+    if triangles.dim() != 2 or triangles.shape[1] != 3 or triangles.dtype != torch.long:
+        raise ValueError(f"triangles must be an (F, 3) long tensor, got "
+                         f"{tuple(triangles.shape)} {triangles.dtype}")
+    if triangles.numel() and (int(triangles.min()) < 0 or int(triangles.max()) >= num_vertices):
+        raise ValueError(f"triangle vertex ids must lie in [0, {num_vertices})")
