@@ -43,7 +43,7 @@ Run `python renderer.py` to write a grid of random toy faces (out/renderer_demo.
 """
 import math
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -201,7 +201,7 @@ class _SumAroundVertices(torch.autograd.Function):
 
 
 def vertex_normals(vertices: torch.Tensor, triangles: torch.Tensor, *,
-                   adjacency: Adjacency = None) -> torch.Tensor:
+                   adjacency: Optional[Adjacency] = None) -> torch.Tensor:
     """Area-weighted vertex normals (unit length), outward for counter-clockwise triangles.
 
     Args:
@@ -444,7 +444,7 @@ def interpolate(attributes: torch.Tensor, fragments: Fragments, *, height: int,
 
 def render(vertices: torch.Tensor, albedo: torch.Tensor, sh: torch.Tensor, pose: torch.Tensor,
            triangles: torch.Tensor, landmark_ids: torch.Tensor, *, height: int, width: int,
-           adjacency: Adjacency = None) -> Rendered:
+           adjacency: Optional[Adjacency] = None) -> Rendered:
     """Render shaded faces: I_R = R(theta) of the paper, with region and landmarks.
 
     Args:
@@ -490,3 +490,58 @@ def _check_triangles(triangles: torch.Tensor, num_vertices: int) -> None:
                          f"{tuple(triangles.shape)} {triangles.dtype}")
     if triangles.numel() and (int(triangles.min()) < 0 or int(triangles.max()) >= num_vertices):
         raise ValueError(f"triangle vertex ids must lie in [0, {num_vertices})")
+
+
+# ----------------------------------------------------------------------------- demo
+
+def demo_grid(model, *, rows: int = 3, cols: int = 4, size: int = 192, seed: int = 0):
+    """Render random faces of `model` (a bfm.MorphableModel) under varied pose, expression
+    and light, with their 68 landmarks drawn; returns a PIL image."""
+    from PIL import Image, ImageDraw
+
+    B = rows * cols
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        vertices = model.vertices(torch.randn(B, 80, generator=g), torch.randn(B, 64, generator=g))
+        albedo = model.albedo(torch.randn(B, 80, generator=g))
+        # light: ambient plus a random first-order (directional) part per face, white-ish
+        sh = torch.zeros(B, 3, 9)
+        sh[:, :, 1:4] = 1.2 * torch.randn(B, 1, 3, generator=g)
+        sh[:, :, 0] = 0.3 * torch.randn(B, 1, generator=g)
+        pose = torch.zeros(B, 6)
+        pose[:, 0] = 0.25 * torch.randn(B, generator=g)  # pitch
+        pose[:, 1] = torch.linspace(-0.9, 0.9, B)  # yaw: from one profile-ish view to the other
+        pose[:, 2] = 0.1 * torch.randn(B, generator=g)  # roll
+        out = render(vertices, albedo, sh.view(B, 27), pose, model.triangles, model.landmarks,
+                     height=size, width=size)
+    background = 0.15 + 0.1 * torch.rand(B, 3, 1, 1, generator=g)
+    images = out.image.clamp(0, 1) + background * (1 - out.region)  # (B, 3, H, W)
+    sheet = Image.new("RGB", (cols * size, rows * size))
+    for k in range(B):
+        tile = Image.fromarray((images[k].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+        draw = ImageDraw.Draw(tile)
+        for x, y in out.landmarks[k].tolist():
+            draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=(60, 255, 60))
+        sheet.paste(tile, ((k % cols) * size, (k // cols) * size))
+    return sheet
+
+
+def main(argv=None):
+    import argparse
+    import os
+
+    import bfm  # the demo is the only place the renderer meets a face model
+
+    parser = argparse.ArgumentParser(description="Render a grid of random toy faces.")
+    parser.add_argument("--face-model", default="toy", help="face model spec (see bfm.load_face_model)")
+    parser.add_argument("--out", default=os.path.join("out", "renderer_demo.png"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sheet = demo_grid(bfm.load_face_model(args.face_model), seed=args.seed)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    sheet.save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -365,3 +365,13 @@ def test_cuda_matches_cpu(toy):
     assert agree > 0.999
     both = (gpu.face_id.cpu() == cpu.face_id)[:, None].expand_as(cpu.image)
     assert torch.allclose(gpu.image.cpu()[both], cpu.image[both], atol=1e-4)
+
+
+def test_demo_grid_draws_faces(toy):
+    sheet = renderer.demo_grid(toy, rows=1, cols=2, size=48)
+    assert sheet.size == (96, 48)
+    pixels = np.asarray(sheet).astype(float)
+    # each tile has a lit face in its centre, brighter than its dark background corner
+    for k in range(2):
+        tile = pixels[:, 48 * k:48 * (k + 1)]
+        assert tile[20:28, 20:28].mean() > tile[:4, :4].mean() + 30

@@ -1,0 +1,133 @@
+"""Network speed: forward + backward per image of the encoder and the UNet, with parameter counts.
+
+Times `focus.Encoder` (ResNet-50 trunk, 257 outputs) and `focus.UNet` (the segmenter S) in
+training mode (batch-norm statistics, dropout) at 224 x 224, at the paper's width (64) and at
+the `cpu` preset's width (16), for one batch size (the paper trains with batch 12; a slow CPU
+may need `--batch 2`). Reports forward (with autograd), backward and total ms per image
+(fastest of `--repeats` steps after `--warmup` steps), images/s and peak memory (CUDA only).
+
+    python bench/bench_networks.py --batch 2                 # CPU
+    python bench/bench_networks.py --device cuda --batch 12
+Prints a markdown table and writes JSON to bench/results/networks_<device>.json.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import focus  # noqa: E402
+from bfm import join_theta  # noqa: E402
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(net, forward, loss, device, repeats, warmup):
+    """Fastest forward, backward and total wall times (s) of one training step.
+
+    The minimum over repeats, not the mean: on a shared machine other load only ever adds time.
+    """
+    times = []
+    for step in range(warmup + repeats):
+        net.zero_grad(set_to_none=True)
+        synchronize(device)
+        start = time.perf_counter()
+        out = forward()
+        synchronize(device)
+        middle = time.perf_counter()
+        loss(out).backward()
+        synchronize(device)
+        if step >= warmup:
+            times.append((middle - start, time.perf_counter() - middle))
+    forward_s, backward_s = np.min(np.array(times), axis=0)
+    total_s = min(f + b for f, b in times)
+    return float(forward_s), float(backward_s), total_s
+
+
+def encoder_step(width, batch, size, device):
+    """(module, forward, loss) for the encoder on random images."""
+    net = focus.Encoder(width=width).to(device)
+    images = torch.rand(batch, 3, size, size, device=device)
+    return net, lambda: join_theta(net(images)), lambda out: out.square().sum()
+
+
+def unet_step(width, batch, size, device):
+    """(module, forward, loss) for the UNet on random rendered / target pairs."""
+    net = focus.UNet(width=width).to(device)
+    rendered, target = torch.rand(2, batch, 3, size, size, device=device)
+    return net, lambda: net(rendered, target), lambda out: out.sum()
+
+
+# Networks timed here. The perceptual network F (perceptual.py) and the assembled losses
+# L_S / L_R (losses.py) get their own rows here: add a (name, builder) pair whose builder
+# returns (module, forward, loss) like the two below.
+NETWORKS = [("encoder", encoder_step), ("unet", unet_step)]
+
+
+def bench(name, builder, width, batch, size, device, repeats, warmup):
+    net, forward, loss = builder(width, batch, size, device)
+    net.train()
+    params = sum(p.numel() for p in net.parameters())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_forward, t_backward, t_total = timed_step(net, forward, loss, device, repeats, warmup)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return {
+        "network": name, "width": width, "parameters": params, "batch": batch, "size": size,
+        "forward_ms": 1e3 * t_forward / batch,
+        "backward_ms": 1e3 * t_backward / batch,
+        "total_ms": 1e3 * t_total / batch,
+        "images_per_s": batch / t_total,
+        "peak_mib": peak,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 16])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.size % 16 or args.size < 32 or args.repeats < 1:
+        parser.error("--batch and --repeats must be >= 1 and --size a multiple of 16, at least 32")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    rows = [bench(name, builder, width, args.batch, args.size, device, args.repeats, args.warmup)
+            for width in args.widths for name, builder in NETWORKS]
+
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"networks forward + backward at {args.size} x {args.size}, batch {args.batch}, "
+          f"training mode, on {machine} (torch {torch.__version__})")
+    print("| network | width | parameters | forward ms/img | backward ms/img | total ms/img "
+          "| img/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['network']} | {r['width']} | {r['parameters']:,} | {r['forward_ms']:.1f} | "
+              f"{r['backward_ms']:.1f} | {r['total_ms']:.1f} | {r['images_per_s']:.1f} | "
+              f"{r['peak_mib']:.0f} |")
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"networks_{device.type}.json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine, "torch": torch.__version__, "rows": rows}, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
