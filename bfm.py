@@ -14,9 +14,10 @@ of Eq. 8 is the squared norm of the coefficients.
 
 Conventions (shape letters B batch, V vertices, F triangles, K modes):
 - Model space in millimetres: x to the viewer's right when the face is seen from the front
-  (the subject's left), y up, z towards the viewer. The origin sits inside the head at eye
-  height, `NOSE_TIP_DEPTH` = 95 mm behind the nose tip, so rotations about it look natural.
-  The toy face spans x in [-74, 74], y in [-110, 88] (chin to upper forehead), z in [0, 95].
+  (the subject's left), y up, z towards the viewer. The origin sits inside the head,
+  `NOSE_TIP_DEPTH` = 95 mm straight behind the nose tip, so rotations about it look natural
+  and theta = 0 frames the face from the brows to the chin in the renderer's 224 x 224 view.
+  The toy face spans x in [-74, 74], y in [-79, 119] (chin to upper forehead), z in [0, 95].
 - Triangles (F, 3) long are counter-clockwise seen from the front (+z).
 - 68 landmarks in the iBUG / Multi-PIE convention (0-based: jaw 0-16, brows 17-26, nose
   bridge 27-30, nostrils 31-35, eyes 36-47, outer lip 48-59, inner lip 60-67); point 0 is on
@@ -80,8 +81,8 @@ required. To make one: write the mean face with `save_obj`, open it in a mesh vi
 shows vertex indices (e.g. MeshLab's "Get Info" picking), pick the 68 points in iBUG order and
 write them one per line. Loaders make the triangles counter-clockwise seen from the front
 (all are flipped when the area-weighted normal points to -z) and, with `recenter=True`
-(default), translate the mean so that the origin is at the midpoint of the eye corners
-(landmarks 36, 39, 42, 45) in x and y and `NOSE_TIP_DEPTH` behind the nose tip (landmark 30).
+(default), translate the mean so that the origin is `NOSE_TIP_DEPTH` straight behind the
+nose tip (landmark 30).
 Models without albedo get `make_albedo` on their own mesh.
 
 Deviations from the paper:
@@ -753,7 +754,8 @@ def toy_face_model(resolution: int = 64) -> MorphableModel:
     mirror = torch.arange(coarse.shape[0]).view(17, 17).flip(1).flatten()  # (M,)
     id_basis = _toy_identity_basis(points, coarse, mirror, THETA_SIZES["id"])
     exp_basis, exp_names = _toy_expression_basis(points, THETA_SIZES["exp"])
-    mean_albedo, albedo_basis = make_albedo(points, landmarks)
+    points = _recenter(points, landmarks)  # the displacement bases do not depend on it
+    mean_albedo, albedo_basis = make_albedo(points, landmarks)  # as for loaded models
     return MorphableModel(points, id_basis, exp_basis, mean_albedo, albedo_basis,
                           _toy_triangles(rows, cols), landmarks, name=f"toy:{resolution}",
                           exp_names=exp_names, license="built in code by this project")
@@ -792,11 +794,14 @@ def _orient_front(mean_shape: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     return triangles[:, ::-1].copy() if normal_z < 0 else triangles
 
 
-def _recenter(mean_shape: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-    """Translate so the origin is at the eye corners' midpoint in x and y, NOSE_TIP_DEPTH
-    behind the nose tip in z."""
-    eyes = mean_shape[landmarks[[36, 39, 42, 45]]].mean(axis=0)
-    origin = np.array([eyes[0], eyes[1], mean_shape[landmarks[30], 2] - NOSE_TIP_DEPTH])
+def _recenter(mean_shape, landmarks):
+    """Translate (V, 3) points (numpy or torch) so the origin is NOSE_TIP_DEPTH straight
+    behind the nose tip (landmark 30).
+
+    With the renderer's camera (1014.72 px at 224 x 224, 1 m away) theta = 0 then frames the
+    face from the brows to the chin, as an aligned 224 x 224 crop does."""
+    origin = mean_shape[landmarks[30]] * 1.0  # a copy
+    origin[2] = origin[2] - NOSE_TIP_DEPTH
     return mean_shape - origin
 
 

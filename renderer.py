@@ -506,8 +506,8 @@ def demo_grid(model, *, rows: int = 3, cols: int = 4, size: int = 192, seed: int
         albedo = model.albedo(torch.randn(B, 80, generator=g))
         # light: ambient plus a random first-order (directional) part per face, white-ish
         sh = torch.zeros(B, 3, 9)
-        sh[:, :, 1:4] = 1.2 * torch.randn(B, 1, 3, generator=g)
-        sh[:, :, 0] = 0.3 * torch.randn(B, 1, generator=g)
+        sh[:, :, 1:4] = 0.6 * torch.randn(B, 1, 3, generator=g)
+        sh[:, :, 0] = -0.5 + 0.3 * torch.randn(B, 1, generator=g)
         pose = torch.zeros(B, 6)
         pose[:, 0] = 0.25 * torch.randn(B, generator=g)  # pitch
         pose[:, 1] = torch.linspace(-0.9, 0.9, B)  # yaw: from one profile-ish view to the other
