@@ -1,6 +1,8 @@
 """Network speed: forward + backward per image of the encoder and the UNet, with parameter counts.
 
-Times `focus.Encoder` (ResNet-50 trunk, 257 outputs) and `focus.UNet` (the segmenter S) in
+Times `focus.Encoder` (ResNet-50 trunk, 257 outputs), `focus.UNet` (the segmenter S), the
+perceptual network F (dlib's ResNet with the aligned crop, gradients to the images) and one
+whole evaluation of L_S and of L_R (networks + F + `losses.py`, forward and backward) in
 training mode (batch-norm statistics, dropout) at 224 x 224, at the paper's width (64) and at
 the `cpu` preset's width (16), for one batch size (the paper trains with batch 12; a slow CPU
 may need `--batch 2`). Reports forward (with autograd), backward and total ms per image
@@ -23,7 +25,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import bfm  # noqa: E402
 import focus  # noqa: E402
+import losses  # noqa: E402
+import perceptual  # noqa: E402
+import renderer  # noqa: E402
 from bfm import join_theta  # noqa: E402
 
 
@@ -68,10 +74,64 @@ def unet_step(width, batch, size, device):
     return net, lambda: net(rendered, target), lambda out: out.sum()
 
 
-# Networks timed here. The perceptual network F (perceptual.py) and the assembled losses
-# L_S / L_R (losses.py) get their own rows here: add a (name, builder) pair whose builder
-# returns (module, forward, loss) like the two below.
-NETWORKS = [("encoder", encoder_step), ("unet", unet_step)]
+def mean_face_landmarks(batch, size, device):
+    """(B, 68, 2) landmarks of the toy mean face rendered at theta = 0."""
+    model = bfm.load_face_model("toy")
+    out = renderer.render(model.mean_shape[None], model.mean_albedo[None], torch.zeros(1, 27),
+                          torch.zeros(1, 6), model.triangles, model.landmarks,
+                          height=size, width=size)
+    return out.landmarks.expand(batch, -1, -1).to(device)
+
+
+def perceptual_step(width, batch, size, device):
+    """(module, forward, loss) for F (dlib ResNet, aligned crop) with gradients to the images."""
+    features = perceptual.load_perceptual("dlib", device=device)
+    images = torch.rand(batch, 3, size, size, device=device, requires_grad=True)
+    landmarks = mean_face_landmarks(batch, size, device)
+    forward = lambda: features(images, landmarks)
+    return features, forward, lambda out: out.early.square().mean() + out.embedding.square().mean()
+
+
+def segmenter_loss_step(width, batch, size, device):
+    """(module, forward, loss) for one L_S evaluation: S(I_R, I_T), then Eq. 1-4 and L_bin
+    with F on the masked images (the segmenter phase of Sec. 3.2)."""
+    net = focus.UNet(width=width).to(device)
+    features = perceptual.load_perceptual("dlib", device=device)
+    rendered, target = torch.rand(2, batch, 3, size, size, device=device)
+    region = torch.zeros(batch, 1, size, size, device=device)
+    region[..., size // 8:-size // 8, size // 6:-size // 6] = 1
+    landmarks = mean_face_landmarks(batch, size, device)
+
+    def forward():
+        mask = net(rendered, target)
+        return losses.segmenter_loss(target, rendered, mask, region,
+                                     features=lambda x: features(x, landmarks).early)[0]
+    return net, forward, lambda total: total
+
+
+def autoencoder_loss_step(width, batch, size, device):
+    """(module, forward, loss) for one L_R evaluation: R(I_T) (encoder, toy face model,
+    renderer), then Eq. 5-8 with F's embedding (the autoencoder phase of Sec. 3.2)."""
+    net = focus.FaceAutoencoder(focus.Encoder(width=width), bfm.load_face_model("toy")).to(device)
+    features = perceptual.load_perceptual("dlib", device=device)
+    target = torch.rand(batch, 3, size, size, device=device)
+    mask = torch.ones(batch, 1, size, size, device=device)
+    lm_target = mean_face_landmarks(batch, size, device)
+    weights = losses.landmark_weights(dtype=target.dtype, device=device)
+
+    def forward():
+        out = net(target)
+        return losses.autoencoder_loss(
+            target, out.image, mask, out.region, lm_target=lm_target, lm_pred=out.landmarks,
+            lm_weights=weights, coefficients=(out.theta.id, out.theta.exp, out.theta.albedo),
+            features=lambda x: features(x, lm_target).embedding)[0]
+    return net, forward, lambda total: total
+
+
+# (name, builder, uses the width): each builder returns (module, forward, loss)
+NETWORKS = [("encoder", encoder_step, True), ("unet", unet_step, True),
+            ("F (dlib)", perceptual_step, False), ("L_S (S + F + losses)", segmenter_loss_step, True),
+            ("L_R (R + F + losses)", autoencoder_loss_step, True)]
 
 
 def bench(name, builder, width, batch, size, device, repeats, warmup):
@@ -108,7 +168,8 @@ def main(argv=None):
     torch.manual_seed(0)
 
     rows = [bench(name, builder, width, args.batch, args.size, device, args.repeats, args.warmup)
-            for width in args.widths for name, builder in NETWORKS]
+            for k, width in enumerate(args.widths) for name, builder, widened in NETWORKS
+            if widened or k == 0]
 
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
