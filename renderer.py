@@ -289,7 +289,7 @@ def _edge(ax, ay, bx, by, px, py):
 
 
 def _screen_weights(x, y, px, py):
-    """Unnormalised screen-space barycentrics of pixel p in triangles with corners (x, y, z).
+    """Unnormalised screen-space barycentrics of pixel p in triangles with corners (x, y).
 
     The model's counter-clockwise front faces appear clockwise on the y-down screen, where
     `_edge` is negative inside; the sign flip makes the three weights >= 0 inside a front
@@ -332,8 +332,8 @@ def rasterize(verts_pix: torch.Tensor, triangles: torch.Tensor, height: int, wid
     corners = _gather_corners(verts_pix, triangles).view(B * F, 3, 3)  # (BF, corner, xyz)
     x, y, z = corners.unbind(-1)  # 3 x (BF, 3)
 
-    # cull: behind/near the camera, back-facing or degenerate (signed area <= 0 after flip)
-    # twice the signed screen area, positive for front faces (counter-clockwise in model space)
+    # cull: behind/near the camera, back-facing or degenerate; the area is twice the signed
+    # screen area, positive for front faces (counter-clockwise in model space)
     area = -_edge(x[:, 0], y[:, 0], x[:, 1], y[:, 1], x[:, 2], y[:, 2])  # (BF,)
     keep = (z.min(-1).values > NEAR) & (area > 1e-9)
     # bounding box of the pixel centres the triangle may cover, clamped to the image
