@@ -1362,7 +1362,9 @@ class ImageFolderFaces(torch.utils.data.Dataset):
         mh, mw = mask.shape[1:]
         # a mask of another size covers the same field of view: photo p = (mask p + 0.5) w / mw - 0.5
         to_photo = np.array([[w / mw, 0, 0.5 * w / mw - 0.5], [0, h / mh, 0.5 * h / mh - 0.5], [0, 0, 1]])
-        warped = warp_image(mask, np.vstack([matrix, [0, 0, 1]]) @ to_photo, size=self.size)
+        # matrix is (2, 3), or (3, 3) when composed with an augmentation
+        homogeneous = matrix if matrix.shape == (3, 3) else np.vstack([matrix, [0, 0, 1]])
+        warped = warp_image(mask, homogeneous @ to_photo, size=self.size)
         return (warped > 0.5).float()  # (1, H, W)
 
 

@@ -574,6 +574,10 @@ def test_visible_skin_mask_is_aligned_with_the_image(tmp_path, frontal_landmarks
     bright = (with_mask["image"].mean(0, keepdim=True) > 0.6).float()
     # mask and image agree except on the boundary pixels
     assert (visible != bright).float().mean() < 0.02 and visible.mean() > 0.05
+    # augmented (shifted, scaled, rotated, maybe flipped): the mask still follows the image
+    augmented = data.ImageFolderFaces(str(tmp_path), size=112, augment=True)[0]
+    bright = (augmented["image"].mean(0, keepdim=True) > 0.6).float()
+    assert (augmented["visible_face"] != bright).float().mean() < 0.03
 
 
 def nn_resize(mask, size):
