@@ -24,6 +24,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bfm  # noqa: E402
 import focus  # noqa: E402
@@ -31,11 +32,7 @@ import losses  # noqa: E402
 import perceptual  # noqa: E402
 import renderer  # noqa: E402
 from bfm import join_theta  # noqa: E402
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from timing import synchronize  # noqa: E402
 
 
 def timed_step(net, forward, loss, device, repeats, warmup):
