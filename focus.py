@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bfm import THETA_SIZES, MorphableModel, Theta, join_theta, split_theta
-from renderer import render
+from renderer import Adjacency, render, vertex_adjacency
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -343,6 +343,14 @@ class FaceAutoencoder(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.face_model = face_model
+        self._adjacency: Optional[Adjacency] = None  # the mesh's vertex-face incidence
+
+    def adjacency(self) -> Adjacency:
+        """`renderer.vertex_adjacency` of the face model, built once per device."""
+        triangles = self.face_model.triangles
+        if self._adjacency is None or self._adjacency.vertex_face.device != triangles.device:
+            self._adjacency = vertex_adjacency(triangles, self.face_model.num_vertices)
+        return self._adjacency
 
     def forward(self, images: torch.Tensor) -> AutoencoderOutput:
         """
@@ -352,14 +360,18 @@ class FaceAutoencoder(nn.Module):
             AutoencoderOutput; images are rendered at the input's H x W.
         """
         _check_images(images, "images", min_size=32)
-        B, _, H, W = images.shape
-        theta = self.encoder(images)
+        _, _, H, W = images.shape
+        return self.decode(self.encoder(images), height=H, width=W)
+
+    def decode(self, theta: Theta, *, height: int, width: int) -> AutoencoderOutput:
+        """The decoder alone: theta -> face model -> renderer, at height x width."""
         # P = mu_shape + U_id alpha_id + U_exp alpha_exp
         vertices = self.face_model.vertices(theta.id, theta.exp)  # (B, V, 3)
         # T = mu_albedo + U_albedo gamma
         albedo = self.face_model.albedo(theta.albedo)  # (B, V, 3)
         rendered = render(vertices, albedo, theta.sh, theta.pose, self.face_model.triangles,
-                          self.face_model.landmarks, height=H, width=W)
+                          self.face_model.landmarks, height=height, width=width,
+                          adjacency=self.adjacency())
         return AutoencoderOutput(theta, vertices, albedo, rendered.image, rendered.region,
                                  rendered.landmarks)
 

@@ -32,7 +32,6 @@ import bfm  # noqa: E402
 import losses  # noqa: E402
 import perceptual  # noqa: E402
 import train  # noqa: E402
-from renderer import render, vertex_adjacency  # noqa: E402
 
 PARTS = ("data", "encoder", "render", "segmenter", "losses", "F", "backward", "optimizer")
 
@@ -58,18 +57,9 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
 
-def decode(autoencoder, theta, H: int, W: int, adjacency):
-    """Face model + renderer: theta -> Rendered (as FaceAutoencoder.forward)."""
-    model = autoencoder.face_model
-    vertices = model.vertices(theta.id, theta.exp)  # (B, V, 3)
-    albedo = model.albedo(theta.albedo)  # (B, V, 3)
-    return render(vertices, albedo, theta.sh, theta.pose, model.triangles, model.landmarks,
-                  height=H, width=W, adjacency=adjacency)
-
-
 def autoencoder_step(phase, batch_fn, nets, cfg, F, timer):
     """One autoencoder step (init: M_pre; em: S's mask), timed by part."""
-    autoencoder, segmenter, optimizer, adjacency = nets
+    autoencoder, segmenter, optimizer = nets
     train.set_phase("autoencoder", autoencoder, segmenter)
     timer.start()
     batch = batch_fn()
@@ -77,7 +67,7 @@ def autoencoder_step(phase, batch_fn, nets, cfg, F, timer):
     timer.lap("data")
     theta = autoencoder.encoder(images)
     timer.lap("encoder")
-    out = decode(autoencoder, theta, cfg.image_size, cfg.image_size, adjacency)
+    out = autoencoder.decode(theta, height=cfg.image_size, width=cfg.image_size)
     timer.lap("render")
     if phase == "init":
         mask = losses.preliminary_mask(images, out.image.detach(), out.region, xi=cfg.xi)
@@ -106,7 +96,7 @@ def autoencoder_step(phase, batch_fn, nets, cfg, F, timer):
 
 def segmenter_step(batch_fn, nets, cfg, F, timer):
     """One EM segmenter step (R frozen), timed by part."""
-    autoencoder, segmenter, optimizer, adjacency = nets
+    autoencoder, segmenter, optimizer = nets
     train.set_phase("segmenter", autoencoder, segmenter)
     timer.start()
     batch = batch_fn()
@@ -115,7 +105,7 @@ def segmenter_step(batch_fn, nets, cfg, F, timer):
     with torch.no_grad():
         theta = autoencoder.encoder(images)
         timer.lap("encoder")
-        out = decode(autoencoder, theta, cfg.image_size, cfg.image_size, adjacency)
+        out = autoencoder.decode(theta, height=cfg.image_size, width=cfg.image_size)
     timer.lap("render")
     mask = segmenter(out.image, images)  # (B, 1, H, W)
     timer.lap("segmenter")
@@ -173,7 +163,6 @@ def main(argv=None):
     device = torch.device(cfg.device)
     face_model = bfm.load_face_model(cfg.face_model).to(device)
     autoencoder, segmenter = train.build_models(cfg, face_model)
-    adjacency = vertex_adjacency(face_model.triangles, face_model.num_vertices)
     F = perceptual.load_perceptual(cfg.perceptual, device=device)
     dataset = train.make_dataset(cfg, face_model.cpu() if device.type != "cpu" else face_model,
                                  seed=cfg.seed)
@@ -185,8 +174,8 @@ def main(argv=None):
 
     ae_opt, _ = train.make_optimizer(autoencoder.encoder.parameters(), cfg.lr, cfg)
     seg_opt, _ = train.make_optimizer(segmenter.parameters(), cfg.lr * cfg.seg_lr_factor, cfg)
-    nets = ((autoencoder, segmenter, ae_opt, adjacency),
-            (autoencoder, segmenter, seg_opt, adjacency))
+    nets = ((autoencoder, segmenter, ae_opt),
+            (autoencoder, segmenter, seg_opt))
     results = {}
     for phase in ("init autoencoder", "em segmenter", "em autoencoder"):
         results[phase] = bench_phase(phase, cfg, nets, batch_fn, F, device, args.repeats,
