@@ -1,0 +1,747 @@
+"""Evaluation: the paper's metrics and tables on held-out synthetic faces, figures, export.
+
+Paper map (Li et al., CVPR 2023, Sec. 4 and Supp. B):
+
+    what                                                   function              paper
+    ACC, PPV, TPR, F1 of the face mask inside the         segmentation_scores   Tab. 4, 5
+      rendered region, positive = face, mask rounded
+    RMSE (0-255) of I_R vs I_T inside the visible face     image_rmse            Tab. 1
+    shape error (mm) of the neutral shape after rigid      shape_errors          Tab. 2, 3
+      alignment; median / mean / std over vertices
+    misfit prior P - E_MP; paired t-test of its effect     paired_t_test         Sec. 3.4, Supp. B.3
+    Gaussian skin-colour segmenter (Deep3D's masks)        SkinColourModel       Fig. 5, 7, Tab. 4
+
+Test data are synthetic faces (`data.SyntheticFaces`) of five subsets, unoccluded, glasses,
+scarf, hand (skin-coloured occluders, Fig. 7) and random, drawn with seed `EVAL_SEED`, which no
+training stage uses; they stand in for CelebA-HQ, AR and NoW, which cannot be shipped. Every
+sample carries its exact visible-face mask and neutral shape.
+
+Rows (methods) come from run directories (`experiments.py` trains them all): a FOCUS run gives
+"FOCUS" (its EM segmenter), "Pretrained" (the segmenter at the end of init), "M_pre (xi)" (the
+preliminary mask of the init autoencoder), "Skin detector" (the skin-colour mask on the FOCUS
+autoencoder's region) and "Whole region" (every rendered pixel is face: the sanity row a
+useful mask must beat); ablation runs give "Baseline", "Neighbor", "Perceptual"; baseline runs
+give "MoFA", "Supervised", "cutout", "cutmix". Wherever a run holds a misfit prior
+(misfit_prior.pt of the prior stage), every row also gets its "-MP" shape figures.
+
+Deviations: shapes are compared vertex to vertex (the same mesh topology), aligned by a
+least-squares rotation and translation over all vertices (NoW aligns a mesh to a scan by
+landmarks, then rigid ICP, and measures scan-to-mesh distances); image RMSE is taken inside
+the ground-truth visible face and the rendered region (outside the render there is no
+reconstruction to compare); the skin-colour model is one Gaussian per class (skin, occluder)
+fitted on labelled pixels of synthetic training faces, where Deep3D uses a mixture model
+fitted on real skin photos.
+
+Run: `python evaluate.py --run runs/cpu [runs/cpu-mofa ...]` (markdown tables on screen and
+in results/tables.md, numbers in results/results.json, figures in results/);
+`python evaluate.py export --run runs/cpu --images DIR --out DIR` writes .obj meshes, masks and
+reconstructions of a folder of photos. Tests: `python -m pytest -q tests/test_evaluate.py`.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+import bfm
+import data
+import focus
+import losses
+import train
+
+SUBSETS = ("unoccluded", "glasses", "scarf", "hand", "random")
+OCCLUDED = ("glasses", "scarf", "hand", "random")
+EVAL_SEED = 5_000  # training uses cfg.seed (0), the prior 1,000 and 2,000, previews 3,000
+SKIN_SEED = 4_000  # the faces the skin-colour model is fitted on
+METRICS = ("ACC", "PPV", "TPR", "F1")
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics (pure functions of tensors)
+# ----------------------------------------------------------------------------------------------
+
+def segmentation_scores(mask: torch.Tensor, truth: torch.Tensor, region: torch.Tensor, *,
+                        binarize: bool = True) -> Dict[str, torch.Tensor]:
+    """ACC, PPV, TPR and F1 per image of a face mask inside the rendered region (Sec. 4.3).
+
+    Positive class = face. Pixels outside `region` are not counted. With `binarize` the mask
+    is rounded first (as the paper's figures and tables); otherwise soft counts are used.
+
+        TP = sum_region M T, FP = sum_region M (1 - T), FN = sum_region (1 - M) T,
+        ACC = (TP + TN) / N, PPV = TP / (TP + FP), TPR = TP / (TP + FN),
+        F1 = 2 PPV TPR / (PPV + TPR) = 2 TP / (2 TP + FP + FN).
+
+    Args:
+        mask: predicted face probability M, (B, 1, H, W) in [0, 1].
+        truth: ground-truth visible face T, (B, 1, H, W) in {0, 1}.
+        region: rendered region S_R of the reconstruction, (B, 1, H, W) in {0, 1}.
+    Returns:
+        {"ACC", "PPV", "TPR", "F1"} -> (B,) float64; NaN where a ratio is 0 / 0 (e.g. PPV of
+        an image whose mask keeps no pixel).
+    """
+    if not (mask.shape == truth.shape == region.shape) or mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask, truth and region must all be (B, 1, H, W), got "
+                         f"{tuple(mask.shape)}, {tuple(truth.shape)}, {tuple(region.shape)}")
+    m = (mask >= 0.5).double() if binarize else mask.double()
+    t, r = (truth > 0.5).double(), (region > 0.5).double()
+
+    def total(x):
+        return (x * r).sum(dim=(1, 2, 3))  # (B,)
+
+    tp, fp = total(m * t), total(m * (1 - t))
+    fn, tn = total((1 - m) * t), total((1 - m) * (1 - t))
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=mask.device)
+
+    def ratio(a, b):
+        return torch.where(b > 0, a / b.clamp_min(1e-12), nan)
+
+    return {"ACC": ratio(tp + tn, tp + fp + fn + tn), "PPV": ratio(tp, tp + fp),
+            "TPR": ratio(tp, tp + fn), "F1": ratio(2 * tp, 2 * tp + fp + fn)}
+
+
+def image_rmse(rendered: torch.Tensor, target: torch.Tensor, visible: torch.Tensor,
+               region: torch.Tensor) -> torch.Tensor:
+    """RMSE on the 0-255 scale between I_R and I_T inside the visible face (Tab. 1), per image.
+
+        RMSE = 255 sqrt( sum_{x in A} sum_c (I_R - I_T)^2 / (3 |A|) ),  A = visible face & S_R
+
+    Args:
+        rendered, target: (B, 3, H, W) in [0, 1]. visible, region: (B, 1, H, W) in {0, 1}.
+    Returns:
+        (B,) float64, NaN where A is empty.
+    """
+    if rendered.shape != target.shape or visible.shape != region.shape:
+        raise ValueError("rendered / target and visible / region must have equal shapes")
+    area = ((visible > 0.5) & (region > 0.5)).double()  # (B, 1, H, W)
+    squared = (rendered.double() - target.double()).pow(2) * area  # (B, 3, H, W)
+    count = 3 * area.sum(dim=(1, 2, 3))  # (B,)
+    mse = torch.where(count > 0, squared.sum(dim=(1, 2, 3)) / count.clamp_min(1),
+                      torch.tensor(float("nan"), dtype=torch.float64, device=rendered.device))
+    return 255.0 * mse.sqrt()
+
+
+def rigid_align(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The rotation + translation of `source` that best fits `target` (least squares, Kabsch).
+
+    Args:
+        source, target: (B, V, 3) corresponding points.
+    Returns:
+        (B, V, 3) source R^T + t, with R a proper rotation (det +1).
+    """
+    if source.shape != target.shape or source.dim() != 3 or source.shape[-1] != 3:
+        raise ValueError(f"source and target must be (B, V, 3) and equal, got "
+                         f"{tuple(source.shape)} and {tuple(target.shape)}")
+    src, tgt = source.double(), target.double()
+    mu_s, mu_t = src.mean(dim=1, keepdim=True), tgt.mean(dim=1, keepdim=True)  # (B, 1, 3)
+    # covariance H = sum_v (s_v - mu_s)(t_v - mu_t)^T, (B, 3, 3)
+    H = (src - mu_s).transpose(1, 2) @ (tgt - mu_t)
+    U, _, Vh = torch.linalg.svd(H)
+    # reflection guard: flip the last axis where det(V U^T) < 0
+    d = torch.sign(torch.linalg.det(Vh.transpose(1, 2) @ U.transpose(1, 2)))  # (B,)
+    D = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], dim=1))
+    R = Vh.transpose(1, 2) @ D @ U.transpose(1, 2)  # (B, 3, 3), target ~ R source
+    return ((src - mu_s) @ R.transpose(1, 2) + mu_t).to(source.dtype)
+
+
+def shape_errors(predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Per-vertex distance (mm) of the predicted neutral shape after rigid alignment to the true
+    one (Tab. 2, 3): (B, V, 3), (B, V, 3) -> (B, V)."""
+    return (rigid_align(predicted, true) - true).norm(dim=-1)
+
+
+def paired_t_test(before: np.ndarray, after: np.ndarray) -> dict:
+    """Two-sided paired t-test of per-image errors without and with the misfit prior (Supp. B.3).
+
+    Returns:
+        {"n", "mean_before", "mean_after", "mean_difference" (after - before), "t", "p"}.
+    """
+    from scipy import stats
+    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    if before.shape != after.shape or before.ndim != 1 or before.size < 2:
+        raise ValueError("paired_t_test needs two 1-D arrays of equal length >= 2")
+    result = stats.ttest_rel(after, before)
+    return {"n": int(before.size), "mean_before": float(before.mean()),
+            "mean_after": float(after.mean()), "mean_difference": float((after - before).mean()),
+            "t": float(result.statistic), "p": float(result.pvalue)}
+
+
+def summary(values) -> dict:
+    """mean, std, median and count of the finite values (NaN skipped, counted in n_nan)."""
+    values = np.asarray(values, dtype=float).ravel()
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "n": 0,
+                "n_nan": int(values.size)}
+    return {"mean": float(finite.mean()), "std": float(finite.std()),
+            "median": float(np.median(finite)), "n": int(finite.size),
+            "n_nan": int(values.size - finite.size)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the skin-colour baseline (Deep3D's masks, paper Sec. 4.2 and Fig. 7)
+# ----------------------------------------------------------------------------------------------
+
+class SkinColourModel:
+    """Skin vs. not skin from the colour of one pixel: one Gaussian per class in RGB and a
+    Bayes decision, "skin colour follows a simple multivariate Gaussian" (Sec. 4.2).
+
+        p(skin | c) = pi_s N(c; mu_s, C_s) / (pi_s N(c; mu_s, C_s) + pi_o N(c; mu_o, C_o))
+
+    `fit` estimates means, covariances and the prior pi_s from labelled pixels. The model sees
+    one pixel at a time, so skin-coloured occluders (hands) are skin to it: the failure the
+    paper's Fig. 7 shows.
+    """
+
+    def __init__(self, mean: torch.Tensor, covariance: torch.Tensor, prior: torch.Tensor):
+        self.mean, self.covariance, self.prior = mean, covariance, prior  # (2, 3), (2, 3, 3), (2,)
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, skin: torch.Tensor, other: torch.Tensor, *,
+            ridge: float = 1e-4) -> "SkinColourModel":
+        """Fit on the pixels of `images` (B, 3, H, W) labelled `skin` / `other` (B, 1, H, W)."""
+        colours = images.permute(0, 2, 3, 1).reshape(-1, 3).double()  # (B H W, 3)
+        means, covariances, counts = [], [], []
+        for label in (skin, other):
+            chosen = colours[label.reshape(-1) > 0.5]  # (n, 3)
+            if chosen.shape[0] < 4:
+                raise ValueError("SkinColourModel.fit needs at least 4 pixels of each class")
+            means.append(chosen.mean(dim=0))
+            covariances.append(torch.cov(chosen.T) + ridge * torch.eye(3, dtype=torch.float64))
+            counts.append(chosen.shape[0])
+        counts = torch.tensor(counts, dtype=torch.float64)
+        return cls(torch.stack(means), torch.stack(covariances), counts / counts.sum())
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """p(skin | colour) per pixel: (B, 3, H, W) -> (B, 1, H, W)."""
+        B, _, H, W = images.shape
+        colours = images.permute(0, 2, 3, 1).reshape(-1, 1, 3).double()  # (N, 1, 3)
+        mean, covariance = self.mean.to(images.device), self.covariance.to(images.device)
+        diff = colours - mean  # (N, 2, 3)
+        # log pi_k + log N(c; mu_k, C_k) up to the shared constant
+        mahalanobis = (diff.unsqueeze(-2) @ torch.linalg.inv(covariance)
+                       @ diff.unsqueeze(-1)).squeeze(-1).squeeze(-1)  # (N, 2)
+        log_p = (self.prior.to(images.device).log() - 0.5 * torch.logdet(covariance)
+                 - 0.5 * mahalanobis)  # (N, 2)
+        p_skin = torch.softmax(log_p, dim=1)[:, 0]  # (N,)
+        return p_skin.view(B, H, W).unsqueeze(1).to(images.dtype)
+
+
+def fit_skin_model(face_model, size: int, *, count: int = 64) -> SkinColourModel:
+    """The skin-colour model of synthetic training-distribution faces: skin = the visible face,
+    other = the occluders inside the face region (what the model must tell apart there)."""
+    faces = data.SyntheticFaces(face_model=face_model, size=size, length=count, seed=SKIN_SEED,
+                                subset="train", occluded=1.0)
+    batch = faces.batch(list(range(count)))
+    other = batch["region"] * batch["occlusion"]  # (B, 1, H, W)
+    return SkinColourModel.fit(batch["image"], batch["visible_face"], other)
+
+
+# ----------------------------------------------------------------------------------------------
+# methods (the rows of the tables) and test sets
+# ----------------------------------------------------------------------------------------------
+
+class Method(NamedTuple):
+    label: str  # the row name
+    run_dir: str
+    stage: str  # checkpoint: "init" or "em"
+    mask: Optional[str]  # "segmenter", "preliminary", "skin", "whole" or None (no mask)
+
+
+ROW_ORDER = ("MoFA", "Supervised", "cutout", "cutmix", "Skin detector", "Whole region",
+             "M_pre", "Pretrained", "Baseline", "Neighbor", "Perceptual", "FOCUS")
+VARIANT_LABELS = {"mofa": "MoFA", "supervised": "Supervised", "cutout": "cutout",
+                  "cutmix": "cutmix"}
+ABLATION_LABELS = {"baseline": "Baseline", "neighbor": "Neighbor", "perceptual": "Perceptual"}
+
+
+def methods_of_run(run_dir: str) -> List[Method]:
+    """The rows one run provides (module docstring), given which stages it finished."""
+    cfg = train.read_config(run_dir)
+    finished = {stage for stage in ("init", "em")
+                if os.path.exists(train.checkpoint_path(run_dir, stage))
+                and train.load_checkpoint(train.checkpoint_path(run_dir, stage))["done"]}
+    if "em" not in finished:
+        raise train.RunError(f"{run_dir}: stage em is not finished (run or --resume it first)")
+    if cfg.variant != "focus":
+        return [Method(VARIANT_LABELS[cfg.variant], run_dir, "em", None)]
+    if cfg.segmenter_losses != "full":
+        return [Method(ABLATION_LABELS[cfg.segmenter_losses], run_dir, "em", "segmenter")]
+    rows = [Method("FOCUS", run_dir, "em", "segmenter"),
+            Method("Skin detector", run_dir, "em", "skin"),
+            Method("Whole region", run_dir, "em", "whole")]
+    if "init" in finished:
+        rows += [Method("Pretrained", run_dir, "init", "segmenter"),
+                 Method("M_pre", run_dir, "init", "preliminary")]
+    return rows
+
+
+def find_prior(run_dirs: List[str]) -> Optional[str]:
+    """The first run's misfit_prior.pt (the prior stage's E_MP), or None."""
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "misfit_prior.pt")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def test_sets(face_model, size: int, count: int, *, seed: int = EVAL_SEED,
+              subsets=SUBSETS) -> Dict[str, dict]:
+    """Held-out synthetic faces per subset: the tensors evaluation needs, on the CPU."""
+    keep = ("image", "landmarks", "neutral", "visible_face", "region", "occlusion")
+    sets = {}
+    for subset in subsets:
+        faces = data.SyntheticFaces(face_model=face_model, size=size, length=count, seed=seed,
+                                    subset=subset)
+        batches = [faces.batch(list(range(i, min(i + 32, count)))) for i in range(0, count, 32)]
+        sets[subset] = {k: torch.cat([b[k] for b in batches]) for k in keep}
+    return sets
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluating one method
+# ----------------------------------------------------------------------------------------------
+
+def predict(method: Method, images: torch.Tensor, autoencoder, segmenter, cfg,
+            skin_model: Optional[SkinColourModel]) -> dict:
+    """R's reconstruction of `images` and the method's face mask (None without one)."""
+    with torch.no_grad(), focus._eval_mode(autoencoder, segmenter):
+        out = autoencoder(images)
+        mask = None
+        if method.mask == "segmenter":
+            mask = segmenter(out.image, images) * out.region
+        elif method.mask == "preliminary":
+            mask = losses.preliminary_mask(images, out.image, out.region, xi=cfg.xi)
+        elif method.mask == "skin":
+            mask = skin_model(images) * out.region
+        elif method.mask == "whole":
+            mask = out.region
+        neutral = autoencoder.face_model.vertices(out.theta.id, torch.zeros_like(out.theta.exp))
+    return {"image": out.image, "region": out.region, "mask": mask, "neutral": neutral}
+
+
+def evaluate_method(method: Method, sets: Dict[str, dict], *, prior: Optional[torch.Tensor],
+                    skin_model: Optional[SkinColourModel], device: str = "cpu",
+                    batch_size: int = 32, models=None) -> dict:
+    """Per-image metrics of one method on every subset.
+
+    Returns:
+        {subset: {"rmse": (n,), "shape": (n,) mean vertex error per image, "shape_vertices":
+        (n, V) float32, ["shape_mp", "shape_mp_vertices"] with the prior, [ACC, PPV, TPR, F1]
+        with a mask}} as numpy arrays, plus "seconds_per_image" (R forward and mask).
+    """
+    cfg, autoencoder, segmenter = models or train.load_models(method.run_dir, stage=method.stage,
+                                                              device=device)
+    results, seconds, images_seen = {}, 0.0, 0
+    warm = next(iter(sets.values()))["image"][:2].to(device)
+    predict(method, warm, autoencoder, segmenter, cfg, skin_model)  # builds cached mesh data
+    for subset, faces in sets.items():
+        per = {}
+        for first in range(0, faces["image"].shape[0], batch_size):
+            part = {k: v[first:first + batch_size].to(device) for k, v in faces.items()}
+            tic = time.perf_counter()
+            pred = predict(method, part["image"], autoencoder, segmenter, cfg, skin_model)
+            seconds += time.perf_counter() - tic
+            images_seen += part["image"].shape[0]
+            rows = {"rmse": image_rmse(pred["image"], part["image"], part["visible_face"],
+                                       pred["region"])}
+            errors = shape_errors(pred["neutral"], part["neutral"])  # (B, V)
+            rows.update(shape=errors.mean(dim=1), shape_vertices=errors.float())
+            if prior is not None:
+                corrected = train.apply_misfit_prior(pred["neutral"], prior)
+                errors_mp = shape_errors(corrected, part["neutral"])
+                rows.update(shape_mp=errors_mp.mean(dim=1), shape_mp_vertices=errors_mp.float())
+            if pred["mask"] is not None:
+                rows.update(segmentation_scores(pred["mask"], part["visible_face"],
+                                                pred["region"]))
+            for name, value in rows.items():
+                per.setdefault(name, []).append(value.cpu())
+        results[subset] = {name: torch.cat(values).numpy() for name, values in per.items()}
+    results["seconds_per_image"] = seconds / max(images_seen, 1)
+    return results
+
+
+def pooled(results: dict, subsets, name: str) -> np.ndarray:
+    """One metric's per-image (or per-vertex) values over several subsets."""
+    return np.concatenate([results[s][name].ravel() for s in subsets if name in results[s]])
+
+
+def summarize(results: dict) -> dict:
+    """JSON-ready summaries per subset and for the pooled "occluded" and "overall" sets."""
+    groups = {**{s: (s,) for s in SUBSETS if s in results},
+              "occluded": tuple(s for s in OCCLUDED if s in results),
+              "overall": tuple(s for s in SUBSETS if s in results)}
+    out = {"seconds_per_image": results["seconds_per_image"]}
+    for group, subsets in groups.items():
+        if not subsets:
+            continue
+        names = [n for n in results[subsets[0]] if not n.endswith("_vertices")]
+        entry = {name: summary(pooled(results, subsets, name)) for name in names}
+        for name in ("shape", "shape_mp"):
+            if f"{name}_vertices" in results[subsets[0]]:
+                # NoW's median / mean / std run over all vertices of all faces
+                entry[f"{name}_vertex"] = summary(pooled(results, subsets, f"{name}_vertices"))
+        out[group] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+# ----------------------------------------------------------------------------------------------
+
+def _f(x: float, digits: int = 2) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _pm(entry: dict, digits: int = 2) -> str:
+    return f"{_f(entry['mean'], digits)} ± {_f(entry['std'], digits)}"
+
+
+def table_rmse(rows: Dict[str, dict]) -> str:
+    """Tab. 1: image RMSE (0-255) per method and test set, mean ± std over images."""
+    groups = [g for g in ("unoccluded", "occluded", "overall") + OCCLUDED
+              if any(g in s for s in rows.values())]
+    lines = ["| method | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for label, s in rows.items():
+        lines.append(f"| {label} | " + " | ".join(_pm(s[g]["rmse"]) if g in s else "-"
+                                                 for g in groups) + " |")
+    return "\n".join(lines)
+
+
+def table_shape(rows: Dict[str, dict]) -> str:
+    """Tab. 3 (and Supp. Tab. 2): neutral-shape error in mm, median / mean / std over vertices,
+    unoccluded vs occluded faces; "-MP" rows with the misfit prior."""
+    head = ("| method | unoccluded median | mean | std | occluded median | mean | std |\n"
+            "|---|---|---|---|---|---|---|")
+    lines = [head]
+    for label, s in rows.items():
+        for key, suffix in (("shape_vertex", ""), ("shape_mp_vertex", "-MP")):
+            if key not in s.get("overall", {}):
+                continue
+            cells = [_f(s[g][key][stat]) for g in ("unoccluded", "occluded") if g in s
+                     for stat in ("median", "mean", "std")]
+            lines.append(f"| {label}{suffix} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_segmentation(rows: Dict[str, dict], groups) -> str:
+    """Tab. 4: ACC, PPV, TPR, F1 (± std over images) per subset, for the methods with a mask."""
+    head = "| method | " + " | ".join(f"{g} {m}" for g in groups for m in METRICS) + " |"
+    lines = [head, "|---" * (1 + len(groups) * len(METRICS)) + "|"]
+    for label, s in rows.items():
+        if "F1" not in s.get("overall", {}):
+            continue
+        cells = [(_pm(s[g][m]) if m == "F1" else _f(s[g][m]["mean"])) if g in s else "-"
+                 for g in groups for m in METRICS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_ablation(rows: Dict[str, dict]) -> str:
+    """Tab. 5: F1 per subset and the shape error over all faces, for the FOCUS family."""
+    family = [l for l in ("Whole region", "M_pre", "Pretrained", "Baseline", "Neighbor",
+                          "Perceptual", "FOCUS") if l in rows]
+    groups = [g for g in SUBSETS if any(g in rows[l] for l in family)]
+    head = ("| method | " + " | ".join(f"{g} F1" for g in groups)
+            + " | shape median | mean | std |")
+    lines = [head, "|---" * (len(groups) + 4) + "|"]
+    for label in family:
+        s = rows[label]
+        f1 = [_pm(s[g]["F1"]) if g in s and "F1" in s[g] else "-" for g in groups]
+        shape = [_f(s["overall"]["shape_vertex"][k]) for k in ("median", "mean", "std")]
+        lines.append(f"| {label} | " + " | ".join(f1 + shape) + " |")
+        if label == "FOCUS" and "shape_mp_vertex" in s["overall"]:
+            mp = [_f(s["overall"]["shape_mp_vertex"][k]) for k in ("median", "mean", "std")]
+            lines.append("| FOCUS-MP | " + " | ".join(["-"] * len(groups) + mp) + " |")
+    return "\n".join(lines)
+
+
+def tables_markdown(rows: Dict[str, dict], tests: Dict[str, dict], info: dict) -> str:
+    """All tables as one markdown document."""
+    parts = [f"Held-out synthetic faces: {info['count']} per subset ({', '.join(info['subsets'])}),"
+             f" {info['size']} x {info['size']}, seed {EVAL_SEED}; face model "
+             f"{info['face_model']!r}. Masks rounded at 0.5; metrics inside the rendered region, "
+             f"face = positive." + (" FOCUS here trains without the perceptual network F "
+                                    f"(perceptual = 'none'): it is the Neighbor ablation."
+                                    if info.get("without_f") else ""),
+             "### Image fit: RMSE (0-255) inside the visible face (paper Tab. 1)",
+             table_rmse(rows),
+             "### Shape: neutral-shape error (mm) after rigid alignment (paper Tab. 3, Supp. "
+             "Tab. 2)", table_shape(rows),
+             "### Segmentation (paper Tab. 4)",
+             table_segmentation(rows, [g for g in ("unoccluded", "glasses", "scarf")
+                                       if g in info["subsets"]]),
+             table_segmentation(rows, [g for g in ("hand", "random", "occluded")
+                                       if g in info["subsets"] or g == "occluded"]),
+             "### Ablation (paper Tab. 5)", table_ablation(rows)]
+    if tests:
+        lines = ["### Misfit prior: paired t-test of the per-face mean vertex error "
+                 "(Supp. B.3)", "| method | faces | mean without | mean with | t | p |",
+                 "|---|---|---|---|---|---|"]
+        for label, t in tests.items():
+            lines.append(f"| {label} | {t['n']} | {t['mean_before']:.3f} | "
+                         f"{t['mean_after']:.3f} | {t['t']:.2f} | {t['p']:.2g} |")
+        parts.append("\n".join(lines))
+    speed = ["### Time per image (R forward + mask, batch 32, evaluation device)",
+             "| method | ms per image |", "|---|---|"]
+    speed += [f"| {label} | {1000 * s['seconds_per_image']:.1f} |" for label, s in rows.items()]
+    parts.append("\n".join(speed))
+    return "\n\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------------
+
+def _overlay(images: torch.Tensor, rendered: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    return images * (1 - region) + rendered.clamp(0, 1) * region
+
+
+def _tinted(images: torch.Tensor, mask: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Pixels of the rendered region the (rounded) mask rejects, tinted red."""
+    outlier = region * (mask < 0.5).to(images.dtype)  # (B, 1, H, W)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    return images * (1 - 0.6 * outlier) + 0.6 * outlier * red
+
+
+def figure_qualitative(path: str, methods: List[Method], sets: Dict[str, dict], *,
+                       skin_model, per_subset: int = 2, device: str = "cpu") -> None:
+    """Fig. 5 / 7: one row per face (two per subset), columns: target, then per method its
+    reconstruction over the target and, for methods with a mask, the outliers in red."""
+    from matplotlib.figure import Figure
+    subsets = [s for s in SUBSETS if s in sets]
+    images = torch.cat([sets[s]["image"][:per_subset] for s in subsets])  # (N, 3, H, W)
+    columns = [("target", images)]
+    loaded = {}
+    for method in methods:
+        key = (method.run_dir, method.stage)
+        if key not in loaded:
+            loaded[key] = train.load_models(method.run_dir, stage=method.stage, device=device)
+        cfg, autoencoder, segmenter = loaded[key]
+        pred = {k: v.cpu() if v is not None else None for k, v in predict(
+            method, images.to(device), autoencoder, segmenter, cfg, skin_model).items()}
+        if method.mask in (None, "segmenter") and method.label != "Pretrained":
+            columns.append((f"{method.label}\nreconstruction",
+                            _overlay(images, pred["image"], pred["region"])))
+        if pred["mask"] is not None:
+            columns.append((f"{method.label}\noutliers (red)",
+                            _tinted(images, pred["mask"], pred["region"])))
+    rows = images.shape[0]
+    fig = Figure(figsize=(1.2 * len(columns), 1.2 * rows + 0.6))
+    axes = fig.subplots(rows, len(columns), squeeze=False)
+    for c, (title, pictures) in enumerate(columns):
+        for r in range(rows):
+            ax = axes[r][c]
+            ax.imshow(pictures[r].permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(subsets[r // per_subset], fontsize=7)
+    fig.subplots_adjust(left=0.03, right=0.99, top=1 - 0.5 / (1.2 * rows + 0.6), bottom=0.01,
+                        wspace=0.03, hspace=0.03)
+    fig.savefig(path, dpi=100)
+
+
+def figure_misfit_prior(path: str, prior: torch.Tensor, face_model) -> None:
+    """Fig. 4: E_MP's x, y, z components (mm) on the mean face, frontal view."""
+    from matplotlib.figure import Figure
+    mean = face_model.mean_shape.detach().cpu().numpy()  # (V, 3)
+    triangles = face_model.triangles.cpu().numpy()
+    values = prior.cpu().numpy()  # (V, 3)
+    limit = float(np.abs(values).max()) or 1.0
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 3)
+    for k, ax in enumerate(axes):
+        art = ax.tripcolor(mean[:, 0], mean[:, 1], triangles, values[:, k], shading="gouraud",
+                           cmap="coolwarm", vmin=-limit, vmax=limit)
+        ax.set_aspect("equal")
+        ax.set_axis_off()
+        ax.set_title(f"E_MP {'xyz'[k]} (mm)")
+    fig.colorbar(art, ax=list(axes), shrink=0.8)
+    fig.savefig(path, dpi=90)
+
+
+def figure_per_subset(path: str, rows: Dict[str, dict]) -> None:
+    """Per-subset bars: mask F1 (methods with a mask) and mean shape error (all methods)."""
+    from matplotlib.figure import Figure
+    subsets = [s for s in SUBSETS if any(s in r for r in rows.values())]
+    fig = Figure(figsize=(12, 4))
+    axes = fig.subplots(1, 2)
+    for ax, (metric, title) in zip(axes, (("F1", "mask F1 (higher is better)"),
+                                          ("shape", "shape error, mean mm (lower is better)"))):
+        labels = [l for l, r in rows.items() if metric in r.get("overall", {})]
+        width = 0.8 / max(len(labels), 1)
+        for i, label in enumerate(labels):
+            means = [rows[label][s][metric]["mean"] for s in subsets]
+            stds = [rows[label][s][metric]["std"] for s in subsets]
+            x = np.arange(len(subsets)) + (i - (len(labels) - 1) / 2) * width
+            ax.bar(x, means, width, yerr=stds, label=label, capsize=2)
+        ax.set_xticks(np.arange(len(subsets)), subsets)
+        ax.set_title(title)
+        if metric == "F1":
+            ax.set_ylim(0.5, 1.0)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole evaluation
+# ----------------------------------------------------------------------------------------------
+
+def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100,
+                  subsets=SUBSETS, device: str = "cpu", figures: bool = True) -> dict:
+    """Evaluate every row the runs provide; write tables.md, results.json and figures to `out`."""
+    methods = sorted((m for r in run_dirs for m in methods_of_run(r)),
+                     key=lambda m: ROW_ORDER.index(m.label))
+    if len({m.label for m in methods}) != len(methods):
+        raise train.RunError("two runs give the same row; pass each variant once")
+    cfgs = {r: train.read_config(r) for r in run_dirs}
+    reference = cfgs[run_dirs[0]]
+    for r, cfg in cfgs.items():
+        if (cfg.face_model, cfg.image_size) != (reference.face_model, reference.image_size):
+            raise train.RunError(f"{r} uses face model {cfg.face_model!r} at {cfg.image_size} px,"
+                                 f" {run_dirs[0]} {reference.face_model!r} at "
+                                 f"{reference.image_size} px: evaluate them separately")
+    face_model = bfm.load_face_model(reference.face_model)
+    prior_path = find_prior(run_dirs)
+    prior = torch.load(prior_path, weights_only=True)["E_MP"] if prior_path else None
+    os.makedirs(out, exist_ok=True)
+    tic = time.perf_counter()
+    print(f"test sets: {count} faces x {len(subsets)} subsets at {reference.image_size} px ...",
+          flush=True)
+    sets = test_sets(face_model, reference.image_size, count, subsets=subsets)
+    skin_model = (fit_skin_model(face_model, reference.image_size)
+                  if any(m.mask == "skin" for m in methods) else None)
+    rows, tests, raw = {}, {}, {}
+    for method in methods:
+        print(f"  {method.label:<14} {method.run_dir} ({method.stage})", flush=True)
+        raw[method.label] = evaluate_method(method, sets, prior=prior, skin_model=skin_model,
+                                            device=device)
+        rows[method.label] = summarize(raw[method.label])
+        if prior is not None and method.mask in (None, "segmenter") and method.label != \
+                "Pretrained":
+            tests[method.label] = paired_t_test(pooled(raw[method.label], subsets, "shape"),
+                                                pooled(raw[method.label], subsets, "shape_mp"))
+    info = {"count": count, "subsets": list(subsets), "size": reference.image_size,
+            "face_model": reference.face_model, "seed": EVAL_SEED, "runs": run_dirs,
+            "misfit_prior": prior_path, "seconds": round(time.perf_counter() - tic, 1),
+            "without_f": any(c.perceptual == "none" and c.variant == "focus"
+                             and c.segmenter_losses == "full" for c in cfgs.values())}
+    markdown = tables_markdown(rows, tests, info)
+    with open(os.path.join(out, "tables.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"info": info, "rows": rows, "misfit_prior_t_test": tests}, f, indent=1)
+    if figures:
+        figure_per_subset(os.path.join(out, "per_subset.png"), rows)
+        shown = [m for m in methods if m.label in ("MoFA", "Supervised", "Skin detector",
+                                                   "Pretrained", "FOCUS")]
+        figure_qualitative(os.path.join(out, "qualitative.png"), shown, sets,
+                           skin_model=skin_model, device=device)
+        if prior is not None:
+            figure_misfit_prior(os.path.join(out, "misfit_prior.png"), prior, face_model)
+        for r in run_dirs:
+            progress = os.path.join(r, "figures", "em_progress.png")
+            if os.path.exists(progress) and cfgs[r].variant == "focus" \
+                    and cfgs[r].segmenter_losses == "full":
+                shutil.copyfile(progress, os.path.join(out, "em_progress.png"))
+    print(markdown)
+    print(f"wrote {out}/tables.md, {out}/results.json and figures "
+          f"({time.perf_counter() - tic:.0f} s)")
+    return {"info": info, "rows": rows, "tests": tests}
+
+
+# ----------------------------------------------------------------------------------------------
+# export for a folder of images
+# ----------------------------------------------------------------------------------------------
+
+def export(run_dir: str, images: str, out: str, *, csv_path: Optional[str] = None,
+           device: str = "cpu") -> int:
+    """Reconstruct every image of a folder (landmark CSV in the official format) with a trained
+    run: <name>.obj (neutral-pose mesh with albedo colours), <name>_mask.png (rounded face
+    mask), <name>_recon.png (the reconstruction over the aligned image). Returns the count."""
+    from PIL import Image
+    cfg, autoencoder, segmenter = train.load_models(run_dir, stage="em", device=device)
+    faces = data.ImageFolderFaces(images, csv_path, size=cfg.image_size)
+    os.makedirs(out, exist_ok=True)
+    model = autoencoder.face_model
+    for index in range(len(faces)):
+        sample = faces[index]
+        image = sample["image"][None].to(device)  # (1, 3, H, W)
+        with torch.no_grad(), focus._eval_mode(autoencoder, segmenter):
+            result = autoencoder(image)
+            mask = result.region
+            if segmenter is not None:
+                mask = segmenter(result.image, image) * result.region
+        name = os.path.splitext(os.path.basename(sample["path"]))[0]
+        bfm.save_obj(os.path.join(out, f"{name}.obj"), result.vertices[0].cpu(),
+                     model.triangles.cpu(), result.albedo[0].clamp(0, 1).cpu())
+        pictures = {"mask": (mask[0] >= 0.5).float().expand(3, -1, -1),
+                    "recon": _overlay(image, result.image, result.region)[0]}
+        for kind, picture in pictures.items():
+            array = (picture.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round()
+            Image.fromarray(array.astype(np.uint8)).save(os.path.join(out, f"{name}_{kind}.png"))
+        print(f"{index + 1}/{len(faces)} {name}", flush=True)
+    return len(faces)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+
+def main(argv: Optional[list] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        parser = argparse.ArgumentParser(
+            prog="evaluate.py export", description="Reconstruct a folder of aligned-by-landmark "
+            "photos with a trained run: .obj meshes, masks and reconstructions.")
+        parser.add_argument("--run", required=True, help="run dir with a finished em stage")
+        parser.add_argument("--images", required=True, help="folder of images")
+        parser.add_argument("--csv", help="landmark CSV (default IMAGES/landmarks.csv)")
+        parser.add_argument("--out", required=True)
+        parser.add_argument("--device", default="cpu")
+        args = parser.parse_args(argv[1:])
+        try:
+            count = export(args.run, args.images, args.out, csv_path=args.csv,
+                           device=args.device)
+        except (train.RunError, data.BadInput) as error:
+            sys.exit(f"error: {error}")
+        print(f"wrote {count} reconstructions to {args.out}")
+        return
+    parser = argparse.ArgumentParser(
+        description="Evaluate trained runs on held-out synthetic faces: the paper's Tab. 1, 3, "
+                    "4, 5 as markdown and JSON, and figures. `evaluate.py export --help` for "
+                    "reconstructing a folder of photos.")
+    parser.add_argument("--run", "--runs", dest="runs", nargs="+", required=True,
+                        help="run dirs (e.g. runs/cpu runs/cpu-mofa); rows follow each run's "
+                             "variant")
+    parser.add_argument("--count", type=int, default=100, help="faces per subset (default 100)")
+    parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=SUBSETS)
+    parser.add_argument("--out", default="results", help="output folder (default results)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args(argv)
+    if args.count < 2:
+        parser.error("--count must be >= 2")
+    for run in args.runs:
+        if not os.path.isdir(run):
+            parser.error(f"{run}: no such run directory (train one with `python train.py "
+                         f"--stage init` then `--stage em`, or `python experiments.py`)")
+    try:
+        evaluate_runs(args.runs, out=args.out, count=args.count, subsets=tuple(args.subsets),
+                      device=args.device, figures=not args.no_figures)
+    except train.RunError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

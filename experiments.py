@@ -1,0 +1,200 @@
+"""Train every run the result tables need, then assemble the tables (paper Sec. 4, Supp. B).
+
+    run dir            what                                   rows it gives
+    runs/cpu           FOCUS: init, em, prior                 Pretrained (end of init), FOCUS
+                                                              (= Neighbor: no F at `cpu`),
+                                                              FOCUS-MP (its misfit prior)
+    runs/cpu-baseline  EM with the Baseline segmenter losses  Baseline
+                       (init copied from runs/cpu)
+    runs/cpu-mofa      no mask (MoFA)                         MoFA
+    runs/cpu-supervised ground-truth masks                    Supervised
+    runs/cpu-cutout    ground-truth masks + cutout            cutout
+    runs/cpu-cutmix    ground-truth masks + cutmix            cutmix
+
+The init stage does not depend on the segmenter losses, so the Baseline ablation starts its EM
+from the FOCUS run's finished init checkpoint (the same file an own init run would write).
+The Perceptual ablation needs the perceptual network F, which at `cpu` costs about 4 s per
+batch (README, deviations): run it with `python train.py --stage all --perceptual dlib
+--segmenter-losses perceptual` where time allows; evaluate.py picks up any run it is given.
+
+Every stage runs as `python train.py ...` in its own process; a stage already finished is
+skipped and one interrupted is continued with `--resume`, so rerunning this script after a
+crash or Ctrl-C loses at most the steps since the last checkpoint. `--jobs 2` runs two stages at
+once with one torch thread each (the default on a 2-core machine).
+
+Run: `python experiments.py` (then the tables are in results/); `python experiments.py --help`.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from typing import NamedTuple, Optional, Tuple
+
+import train
+
+
+class Experiment(NamedTuple):
+    name: str  # run dir under --root
+    options: Tuple[str, ...]  # train.py options besides --stage / --preset / --run-dir
+    stages: Tuple[str, ...]
+    init_from: Optional[str] = None  # copy this run's finished init checkpoint
+
+
+EXPERIMENTS = (
+    Experiment("focus", (), ("init", "em", "prior")),
+    Experiment("mofa", ("--variant", "mofa"), ("init", "em")),
+    Experiment("baseline", ("--segmenter-losses", "baseline"), ("em",), init_from="focus"),
+    Experiment("supervised", ("--variant", "supervised"), ("init", "em")),
+    Experiment("cutout", ("--variant", "cutout"), ("init", "em")),
+    Experiment("cutmix", ("--variant", "cutmix"), ("init", "em")),
+)
+
+
+def run_dir_of(root: str, preset: str, experiment: Experiment) -> str:
+    """runs/cpu, runs/cpu-mofa, ...: the directory train.py would choose by default."""
+    suffix = "" if experiment.name == "focus" else f"-{experiment.name}"
+    return os.path.join(root, preset + suffix)
+
+
+def stage_done(run_dir: str, stage: str) -> Optional[bool]:
+    """True finished, False started, None never started."""
+    path = train.checkpoint_path(run_dir, stage)
+    if not os.path.exists(path):
+        return None
+    return bool(train.load_checkpoint(path)["done"])
+
+
+def experiment_config(preset: str, experiment: Experiment) -> train.Config:
+    overrides = train.parse_overrides(list(experiment.options))
+    return train.make_config(preset, **overrides)
+
+
+def copy_init(root: str, preset: str, experiment: Experiment) -> None:
+    """Give `experiment` the finished init checkpoint of `init_from` (same init, Sec. 3.3)."""
+    source = train.checkpoint_path(run_dir_of(root, preset, by_name(experiment.init_from)), "init")
+    target_dir = run_dir_of(root, preset, experiment)
+    train.prepare_run_dir(target_dir, experiment_config(preset, experiment))
+    target = train.checkpoint_path(target_dir, "init")
+    if not os.path.exists(target):
+        shutil.copyfile(source, target + ".tmp")
+        os.replace(target + ".tmp", target)
+
+
+def by_name(name: str) -> Experiment:
+    for experiment in EXPERIMENTS:
+        if experiment.name == name:
+            return experiment
+    raise ValueError(f"no experiment {name!r}: choose from {[e.name for e in EXPERIMENTS]}")
+
+
+def ready(root: str, preset: str, experiment: Experiment) -> bool:
+    """Can the experiment start now (its init source, if any, finished)?"""
+    if experiment.init_from is None:
+        return True
+    return stage_done(run_dir_of(root, preset, by_name(experiment.init_from)), "init") is True
+
+
+def run_experiment(root: str, preset: str, experiment: Experiment, threads: int,
+                   lock: threading.Lock) -> float:
+    """Every unfinished stage of `experiment`, each a train.py process; returns seconds spent."""
+    run_dir = run_dir_of(root, preset, experiment)
+    if experiment.init_from is not None:
+        copy_init(root, preset, experiment)
+    tic = time.perf_counter()
+    for stage in experiment.stages:
+        state = stage_done(run_dir, stage)
+        if state:
+            continue
+        command = [sys.executable, "train.py", "--stage", stage, "--preset", preset,
+                   "--run-dir", run_dir, *experiment.options] + (["--resume"] if state is False
+                                                                   else [])
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        with lock:
+            print(f"[{experiment.name}] {' '.join(command[1:])}", flush=True)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+        for line in process.stdout:
+            with lock:
+                print(f"[{experiment.name}] {line}", end="", flush=True)
+        if process.wait():
+            raise RuntimeError(f"{experiment.name}: stage {stage} failed (exit "
+                               f"{process.returncode}); rerun this script to continue it")
+    return time.perf_counter() - tic
+
+
+def train_all(root: str, preset: str, experiments: list, jobs: int, threads: int) -> dict:
+    """Run the experiments on `jobs` workers, each taking the next one that is ready."""
+    pending, seconds, errors = list(experiments), {}, []
+    lock, wake = threading.Lock(), threading.Condition()
+
+    def worker():
+        while True:
+            with wake:
+                while True:
+                    if errors or not pending:
+                        return
+                    job = next((e for e in pending if ready(root, preset, e)), None)
+                    if job is not None:
+                        pending.remove(job)
+                        break
+                    wake.wait(timeout=10)
+            try:
+                seconds[job.name] = run_experiment(root, preset, job, threads, lock)
+            except Exception as error:  # reported after the other worker stops
+                errors.append(error)
+            with wake:
+                wake.notify_all()
+
+    workers = [threading.Thread(target=worker) for _ in range(jobs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return seconds
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu", choices=sorted(train.PRESETS))
+    parser.add_argument("--root", default="runs", help="folder of the run dirs (default runs)")
+    parser.add_argument("--only", nargs="+", help=f"a subset of {[e.name for e in EXPERIMENTS]}")
+    parser.add_argument("--jobs", type=int, default=2, help="stages run at once (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument("--out", default="results", help="where the tables go (default results)")
+    parser.add_argument("--eval-count", type=int, default=None,
+                        help="held-out faces per subset (default: evaluate.py's)")
+    parser.add_argument("--skip-eval", action="store_true", help="train only")
+    args = parser.parse_args(argv)
+    try:
+        experiments = [by_name(n) for n in args.only] if args.only else list(EXPERIMENTS)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be >= 1")
+    tic = time.perf_counter()
+    try:
+        seconds = train_all(args.root, args.preset, experiments, args.jobs, args.threads)
+    except (RuntimeError, train.RunError) as error:
+        sys.exit(f"error: {error}")
+    for name, s in seconds.items():
+        print(f"{name}: {s / 60:.1f} min of training")
+    print(f"training: {(time.perf_counter() - tic) / 60:.1f} min wall-clock with {args.jobs} jobs")
+    if args.skip_eval:
+        return
+    import evaluate
+    runs = [run_dir_of(args.root, args.preset, e) for e in EXPERIMENTS
+            if os.path.exists(os.path.join(run_dir_of(args.root, args.preset, e), "config.json"))]
+    options = ["--runs", *runs, "--out", args.out]
+    if args.eval_count:
+        options += ["--count", str(args.eval_count)]
+    evaluate.main(options)
+    print(f"all: {(time.perf_counter() - tic) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

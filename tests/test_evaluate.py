@@ -1,0 +1,272 @@
+"""Tests of evaluate.py: every metric against a slow twin or a hand-computed case, rigid
+alignment and the skin-colour model by properties, the whole evaluation and the export on a
+tiny trained run."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import bfm
+import data
+import evaluate
+import train
+
+
+# ---------------------------------------------------------------------------- segmentation
+
+def slow_scores(mask, truth, region):
+    """Pixel-by-pixel confusion counts of one image (the obviously correct twin)."""
+    tp = fp = fn = tn = 0
+    H, W = mask.shape[-2:]
+    for y in range(H):
+        for x in range(W):
+            if region[0, y, x] < 0.5:
+                continue
+            m, t = mask[0, y, x] >= 0.5, truth[0, y, x] > 0.5
+            tp += m and t
+            fp += m and not t
+            fn += (not m) and t
+            tn += (not m) and (not t)
+    nan = float("nan")
+    return {"ACC": (tp + tn) / (tp + fp + fn + tn) if tp + fp + fn + tn else nan,
+            "PPV": tp / (tp + fp) if tp + fp else nan,
+            "TPR": tp / (tp + fn) if tp + fn else nan,
+            "F1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan}
+
+
+@settings(max_examples=40)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 7), st.integers(1, 7))
+def test_segmentation_scores_match_slow_twin(seed, B, H, W):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, 1, H, W, generator=g)
+    truth = (torch.rand(B, 1, H, W, generator=g) < 0.6).float()
+    region = (torch.rand(B, 1, H, W, generator=g) < 0.7).float()
+    scores = evaluate.segmentation_scores(mask, truth, region)
+    for b in range(B):
+        expected = slow_scores(mask[b], truth[b], region[b])
+        for name, value in expected.items():
+            got = float(scores[name][b])
+            assert (math.isnan(got) and math.isnan(value)) or got == pytest.approx(value), name
+
+
+def test_segmentation_scores_hand_example():
+    # region: 4 pixels; truth face at 3 of them; mask keeps 2 faces and the outlier
+    region = torch.tensor([[1, 1], [1, 1.0]]).view(1, 1, 2, 2)
+    truth = torch.tensor([[1, 1], [1, 0.0]]).view(1, 1, 2, 2)
+    mask = torch.tensor([[0.9, 0.6], [0.4, 0.5]]).view(1, 1, 2, 2)  # 0.5 rounds to face
+    s = evaluate.segmentation_scores(mask, truth, region)
+    # TP 2, FP 1, FN 1, TN 0
+    assert float(s["ACC"]) == pytest.approx(0.5)
+    assert float(s["PPV"]) == pytest.approx(2 / 3)
+    assert float(s["TPR"]) == pytest.approx(2 / 3)
+    assert float(s["F1"]) == pytest.approx(2 / 3)
+    soft = evaluate.segmentation_scores(mask, truth, region, binarize=False)
+    # soft TP = 0.9 + 0.6 + 0.4 = 1.9, FP = 0.5
+    assert float(soft["PPV"]) == pytest.approx(1.9 / 2.4)
+
+
+def test_segmentation_ignores_pixels_outside_the_region():
+    truth = torch.ones(1, 1, 4, 4)
+    region = torch.zeros(1, 1, 4, 4)
+    region[..., :2, :] = 1
+    mask = torch.ones(1, 1, 4, 4)
+    mask[..., 2:, :] = 0  # wrong, but outside the region
+    s = evaluate.segmentation_scores(mask, truth, region)
+    assert float(s["F1"]) == 1.0 and float(s["ACC"]) == 1.0
+
+
+def test_segmentation_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="must all be"):
+        evaluate.segmentation_scores(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 4),
+                                     torch.ones(1, 1, 3, 3))
+
+
+# ---------------------------------------------------------------------------- image RMSE
+
+def test_image_rmse_of_a_constant_difference():
+    target = torch.full((2, 3, 5, 5), 0.5)
+    rendered = target + 0.1
+    visible = torch.zeros(2, 1, 5, 5)
+    visible[:, :, 1:4, 1:4] = 1
+    rendered[:, :, 0, 0] = 1.0  # outside the visible face: not counted
+    rmse = evaluate.image_rmse(rendered, target, visible, torch.ones(2, 1, 5, 5))
+    assert torch.allclose(rmse, torch.full((2,), 25.5, dtype=torch.float64))
+    empty = evaluate.image_rmse(rendered, target, torch.zeros(2, 1, 5, 5), torch.ones(2, 1, 5, 5))
+    assert torch.isnan(empty).all()
+
+
+# ---------------------------------------------------------------------------- shapes
+
+def random_rotation(g):
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.linalg.det(q) > 0 else -q
+
+
+@settings(max_examples=30)
+@given(st.integers(0, 2**31 - 1))
+def test_rigid_align_undoes_a_rigid_motion(seed):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(2, 50, 3, generator=g, dtype=torch.float64) * 30
+    R = random_rotation(g)
+    t = torch.randn(1, 1, 3, generator=g, dtype=torch.float64) * 100
+    moved = target @ R.T + t
+    assert torch.allclose(evaluate.rigid_align(moved, target), target, atol=1e-8)
+    # hence the shape error is invariant to the pose of the prediction
+    noisy = target + torch.randn(2, 50, 3, generator=g, dtype=torch.float64)
+    assert torch.allclose(evaluate.shape_errors(noisy @ R.T + t, target),
+                          evaluate.shape_errors(noisy, target), atol=1e-8)
+
+
+def test_rigid_align_does_not_mirror():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(1, 40, 3, generator=g, dtype=torch.float64)
+    mirrored = target * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
+    aligned = evaluate.rigid_align(mirrored, target)
+    # a reflection would fit exactly; a proper rotation cannot
+    assert (aligned - target).norm(dim=-1).mean() > 0.1
+    # the aligned cloud is a rigid copy: pairwise distances are preserved
+    assert torch.allclose(torch.cdist(aligned[0], aligned[0]),
+                          torch.cdist(mirrored[0], mirrored[0]), atol=1e-6)
+
+
+def test_shape_errors_of_a_known_offset():
+    true = torch.randn(1, 30, 3, dtype=torch.float64)
+    # a scaled copy cannot be aligned away by a rigid motion
+    errors = evaluate.shape_errors(true * 2, true)
+    assert errors.shape == (1, 30) and errors.mean() > 0.1
+    assert torch.allclose(evaluate.shape_errors(true, true), torch.zeros(1, 30,
+                                                                         dtype=torch.float64))
+
+
+def test_paired_t_test_matches_the_formula():
+    rng = np.random.default_rng(0)
+    before = rng.normal(2.0, 0.3, 40)
+    after = before - 0.1 + rng.normal(0, 0.05, 40)
+    result = evaluate.paired_t_test(before, after)
+    d = after - before
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(d.size))
+    assert result["t"] == pytest.approx(t)
+    assert result["mean_difference"] == pytest.approx(d.mean()) and result["p"] < 1e-6
+    with pytest.raises(ValueError):
+        evaluate.paired_t_test([1.0], [2.0])
+
+
+def test_summary_skips_nan():
+    s = evaluate.summary([1.0, float("nan"), 3.0])
+    assert s == {"mean": 2.0, "std": 1.0, "median": 2.0, "n": 2, "n_nan": 1}
+
+
+# ---------------------------------------------------------------------------- skin colour
+
+def test_skin_model_separates_two_colour_clouds():
+    g = torch.Generator().manual_seed(1)
+    B, H, W = 2, 16, 16
+    skin = (torch.rand(B, 1, H, W, generator=g) < 0.5).float()
+    skin_colour = torch.tensor([0.8, 0.6, 0.5]).view(1, 3, 1, 1)
+    other_colour = torch.tensor([0.2, 0.3, 0.7]).view(1, 3, 1, 1)
+    images = (skin * skin_colour + (1 - skin) * other_colour
+              + 0.05 * torch.randn(B, 3, H, W, generator=g))
+    model = evaluate.SkinColourModel.fit(images, skin, 1 - skin)
+    p = model(images)
+    assert p.shape == (B, 1, H, W) and ((p >= 0) & (p <= 1)).all()
+    assert ((p >= 0.5).float() == skin).float().mean() > 0.99
+    # a pixel of skin colour is skin whatever it belongs to: the Fig. 7 failure
+    assert model(skin_colour.expand(1, 3, 2, 2)).min() > 0.99
+    with pytest.raises(ValueError, match="at least 4"):
+        evaluate.SkinColourModel.fit(images, torch.zeros_like(skin), 1 - skin)
+
+
+# ---------------------------------------------------------------------------- a tiny run
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished tiny FOCUS run (init, em, prior) and a finished tiny MoFA run."""
+    root = tmp_path_factory.mktemp("runs")
+    focus_dir, mofa_dir = str(root / "tiny"), str(root / "tiny-mofa")
+    train.run("all", focus_dir, train.make_config("tiny"))
+    train.run("init", mofa_dir, train.make_config("tiny", variant="mofa"))
+    train.run("em", mofa_dir, None)
+    return focus_dir, mofa_dir
+
+
+def test_methods_of_runs(tiny_run):
+    focus_dir, mofa_dir = tiny_run
+    labels = [m.label for m in evaluate.methods_of_run(focus_dir)]
+    assert labels == ["FOCUS", "Skin detector", "Whole region", "Pretrained", "M_pre"]
+    assert [m.label for m in evaluate.methods_of_run(mofa_dir)] == ["MoFA"]
+    assert evaluate.find_prior([mofa_dir, focus_dir]).endswith("misfit_prior.pt")
+
+
+def test_evaluate_runs_writes_tables_json_and_figures(tiny_run, tmp_path):
+    focus_dir, mofa_dir = tiny_run
+    out = str(tmp_path / "results")
+    evaluate.main(["--run", focus_dir, mofa_dir, "--count", "2", "--subsets", "unoccluded",
+                   "scarf", "--out", out])
+    for name in ("tables.md", "results.json", "per_subset.png", "qualitative.png",
+                 "misfit_prior.png", "em_progress.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    with open(os.path.join(out, "results.json")) as f:
+        result = json.load(f)
+    rows = result["rows"]
+    assert list(rows) == ["MoFA", "Skin detector", "Whole region", "M_pre", "Pretrained", "FOCUS"]
+    # the whole-region mask keeps every rendered pixel: recall 1 wherever there is face
+    assert rows["Whole region"]["overall"]["TPR"]["mean"] == pytest.approx(1.0)
+    assert "F1" not in rows["MoFA"]["overall"] and "shape_mp_vertex" in rows["MoFA"]["overall"]
+    assert rows["FOCUS"]["overall"]["shape_vertex"]["n"] == 4 * train.bfm.load_face_model(
+        "toy,resolution=24").num_vertices
+    assert set(result["misfit_prior_t_test"]) == {"MoFA", "FOCUS"}
+    with open(os.path.join(out, "tables.md")) as f:
+        tables = f.read()
+    assert "| FOCUS-MP |" in tables and "Tab. 4" in tables
+
+
+def test_evaluation_reproduces(tiny_run, tmp_path):
+    focus_dir, _ = tiny_run
+    runs = []
+    for name in ("a", "b"):
+        evaluate.main(["--run", focus_dir, "--count", "2", "--subsets", "hand", "--out",
+                       str(tmp_path / name), "--no-figures"])
+        with open(tmp_path / name / "results.json") as f:
+            rows = json.load(f)["rows"]
+        runs.append({label: {k: v for k, v in row["hand"].items()} for label, row in rows.items()})
+    assert runs[0] == runs[1]
+
+
+def test_evaluate_rejects_unfinished_and_missing_runs(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--run", str(tmp_path / "nothing")])
+    assert "no such run directory" in capsys.readouterr().err
+    half = str(tmp_path / "half")
+    train.run("init", half, train.make_config("tiny"))
+    with pytest.raises(SystemExit, match="stage em is not finished"):
+        evaluate.main(["--run", half, "--count", "2"])
+
+
+def test_export_writes_meshes_masks_and_reconstructions(tiny_run, tmp_path):
+    focus_dir, _ = tiny_run
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    faces = data.SyntheticFaces(face_model="toy,resolution=24", size=96, length=2, seed=9)
+    lines = []
+    for i in range(2):
+        sample = faces[i]
+        data._save_png(sample["image"], str(folder / f"face{i}.png"))
+        lines.append(",".join([f"face{i}.png"] + [f"{v:.2f}" for v in
+                                                   sample["landmarks"].reshape(-1).tolist()]))
+    (folder / "landmarks.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "export"
+    evaluate.main(["export", "--run", focus_dir, "--images", str(folder), "--out", str(out)])
+    model = bfm.load_face_model("toy,resolution=24")
+    for i in range(2):
+        assert (out / f"face{i}_mask.png").exists() and (out / f"face{i}_recon.png").exists()
+        obj = (out / f"face{i}.obj").read_text().splitlines()
+        vertices = [l for l in obj if l.startswith("v ")]
+        assert len(vertices) == model.num_vertices and len(vertices[0].split()) == 7  # xyz rgb
+    with pytest.raises(SystemExit, match="not found"):
+        evaluate.main(["export", "--run", focus_dir, "--images", str(tmp_path / "none"),
+                       "--out", str(out)])
