@@ -35,7 +35,9 @@ fitted on real skin photos.
 Run: `python evaluate.py --run runs/cpu [runs/cpu-mofa ...]` (markdown tables on screen and
 in results/tables.md, numbers in results/results.json, figures in results/);
 `python evaluate.py export --run runs/cpu --images DIR --out DIR` writes .obj meshes, masks and
-reconstructions of a folder of photos. Tests: `python -m pytest -q tests/test_evaluate.py`.
+reconstructions of a folder of photos; `python evaluate.py fitting --run runs/cpu` compares
+per-image fitting (fit.py) with the trained networks.
+Tests: `python -m pytest -q tests/test_evaluate.py`.
 """
 import argparse
 import dataclasses
@@ -661,6 +663,69 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
 
 
 # ----------------------------------------------------------------------------------------------
+# per-image fitting vs the trained encoder (fit.py; paper Sec. 1-2: optimisation vs amortisation)
+# ----------------------------------------------------------------------------------------------
+
+def compare_fitting(run_dir: str, *, count: int = 8, subsets=SUBSETS, steps: int = 300,
+                    landmark_steps: int = 100, device: str = "cpu") -> Dict[str, dict]:
+    """Mask F1, image RMSE, shape error and time per image of four ways to reconstruct the same
+    held-out faces: `fit.fit` in modes plain, robust (per-image EM with M_pre) and segmenter
+    (the run's trained S), and the run's FOCUS networks in one forward pass.
+
+    The fits run on all faces of a subset at once (a batch); time per image = wall-clock time
+    of the batch / its size, on `device`.
+    Returns:
+        {row label: summarize()-style dict over "occluded" / "unoccluded" / "overall"}.
+    """
+    import fit as fitting
+    cfg, autoencoder, segmenter = train.load_models(run_dir, stage="em", device=device)
+    model = autoencoder.face_model
+    sets = test_sets(model, cfg.image_size, count, subsets=subsets)
+    focus_method = Method("FOCUS", run_dir, "em", "segmenter")
+    raw = {"FOCUS (one forward pass)": evaluate_method(
+        focus_method, sets, prior=None, skin_model=None, device=device,
+        models=(cfg, autoencoder, segmenter))}
+    for mode in fitting.MODES:
+        label = {"plain": "fit, plain (every pixel)", "robust": "fit, robust (per-image EM)",
+                 "segmenter": "fit, FOCUS segmenter masks"}[mode]
+        results, seconds = {}, 0.0
+        for subset, faces in sets.items():
+            images = faces["image"].to(device)
+            tic = time.perf_counter()
+            result = fitting.fit(images, faces["landmarks"].to(device), model, mode=mode,
+                                 steps=steps, landmark_steps=landmark_steps,
+                                 segmenter=segmenter if mode == "segmenter" else None)
+            seconds += time.perf_counter() - tic
+            t = bfm.split_theta(result.theta)
+            with torch.no_grad():
+                neutral = model.vertices(t.id, torch.zeros_like(t.exp))
+            region = result.rendered.region
+            errors = shape_errors(neutral, faces["neutral"].to(device))
+            rows = {"rmse": image_rmse(result.rendered.image, images,
+                                       faces["visible_face"].to(device), region),
+                    "shape": errors.mean(dim=1), "shape_vertices": errors.float(),
+                    **segmentation_scores(result.mask, faces["visible_face"].to(device), region)}
+            results[subset] = {k: v.detach().cpu().numpy() for k, v in rows.items()}
+        results["seconds_per_image"] = seconds / (count * len(sets))
+        raw[label] = results
+        print(f"  {label}: {results['seconds_per_image']:.2f} s per image", flush=True)
+    return {label: summarize(results) for label, results in raw.items()}
+
+
+def table_fitting(rows: Dict[str, dict]) -> str:
+    """Mask F1, RMSE and shape error on occluded and unoccluded faces, and time per image."""
+    groups = [g for g in ("unoccluded", "occluded") if g in next(iter(rows.values()))]
+    head = ("| method | " + " | ".join(f"{g} F1 | {g} RMSE | {g} shape mean (mm)" for g in groups)
+            + " | s per image |")
+    lines = [head, "|---" * (2 + 3 * len(groups)) + "|"]
+    for label, s in rows.items():
+        cells = [c for g in groups for c in (_pm(s[g]["F1"]), _pm(s[g]["rmse"], 1),
+                                             _f(s[g]["shape_vertex"]["mean"]))]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {s['seconds_per_image']:.3f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # export for a folder of images
 # ----------------------------------------------------------------------------------------------
 
@@ -716,6 +781,36 @@ def main(argv: Optional[list] = None) -> None:
         except (train.RunError, data.BadInput) as error:
             sys.exit(f"error: {error}")
         print(f"wrote {count} reconstructions to {args.out}")
+        return
+    if argv[:1] == ["fitting"]:
+        parser = argparse.ArgumentParser(
+            prog="evaluate.py fitting", description="Per-image fitting (fit.py: plain, robust, "
+            "segmenter masks) vs the trained FOCUS networks on the same held-out faces.")
+        parser.add_argument("--run", required=True, help="a FOCUS run dir with a finished em")
+        parser.add_argument("--count", type=int, default=8, help="faces per subset (default 8)")
+        parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=SUBSETS)
+        parser.add_argument("--steps", type=int, default=300, help="fit steps after the "
+                            "landmark-only start (default 300)")
+        parser.add_argument("--landmark-steps", type=int, default=100)
+        parser.add_argument("--out", default="results")
+        parser.add_argument("--device", default="cpu")
+        args = parser.parse_args(argv[1:])
+        try:
+            if train.read_config(args.run).variant != "focus":
+                sys.exit(f"error: {args.run} has no segmenter (variant "
+                         f"{train.read_config(args.run).variant!r}): give a FOCUS run")
+            rows = compare_fitting(args.run, count=args.count, subsets=tuple(args.subsets),
+                                   steps=args.steps, landmark_steps=args.landmark_steps,
+                                   device=args.device)
+        except train.RunError as error:
+            sys.exit(f"error: {error}")
+        markdown = table_fitting(rows) + "\n"
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "fitting.md"), "w") as f:
+            f.write(markdown)
+        with open(os.path.join(args.out, "fitting.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        print(markdown + f"wrote {args.out}/fitting.md and fitting.json")
         return
     parser = argparse.ArgumentParser(
         description="Evaluate trained runs on held-out synthetic faces: the paper's Tab. 1, 3, "

@@ -270,3 +270,20 @@ def test_export_writes_meshes_masks_and_reconstructions(tiny_run, tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         evaluate.main(["export", "--run", focus_dir, "--images", str(tmp_path / "none"),
                        "--out", str(out)])
+
+
+def test_fitting_comparison_rows(tiny_run, tmp_path, capsys):
+    focus_dir, mofa_dir = tiny_run
+    out = tmp_path / "fitting"
+    evaluate.main(["fitting", "--run", focus_dir, "--count", "2", "--subsets", "unoccluded",
+                   "scarf", "--steps", "3", "--landmark-steps", "2", "--out", str(out)])
+    with open(out / "fitting.json") as f:
+        rows = json.load(f)
+    assert list(rows) == ["FOCUS (one forward pass)", "fit, plain (every pixel)",
+                          "fit, robust (per-image EM)", "fit, FOCUS segmenter masks"]
+    # plain fitting keeps every rendered pixel: recall 1
+    assert rows["fit, plain (every pixel)"]["overall"]["TPR"]["mean"] == pytest.approx(1.0)
+    assert all(r["seconds_per_image"] > 0 for r in rows.values())
+    assert "| fit, robust (per-image EM) |" in (out / "fitting.md").read_text()
+    with pytest.raises(SystemExit, match="no segmenter"):
+        evaluate.main(["fitting", "--run", mofa_dir])
