@@ -26,7 +26,6 @@ Run: `python experiments.py` (then the tables are in results/); `python experime
 """
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -67,22 +66,6 @@ def stage_done(run_dir: str, stage: str) -> Optional[bool]:
     return bool(train.load_checkpoint(path)["done"])
 
 
-def experiment_config(preset: str, experiment: Experiment) -> train.Config:
-    overrides = train.parse_overrides(list(experiment.options))
-    return train.make_config(preset, **overrides)
-
-
-def copy_init(root: str, preset: str, experiment: Experiment) -> None:
-    """Give `experiment` the finished init checkpoint of `init_from` (same init, Sec. 3.3)."""
-    source = train.checkpoint_path(run_dir_of(root, preset, by_name(experiment.init_from)), "init")
-    target_dir = run_dir_of(root, preset, experiment)
-    train.prepare_run_dir(target_dir, experiment_config(preset, experiment))
-    target = train.checkpoint_path(target_dir, "init")
-    if not os.path.exists(target):
-        shutil.copyfile(source, target + ".tmp")
-        os.replace(target + ".tmp", target)
-
-
 def by_name(name: str) -> Experiment:
     for experiment in EXPERIMENTS:
         if experiment.name == name:
@@ -101,8 +84,8 @@ def run_experiment(root: str, preset: str, experiment: Experiment, threads: int,
                    lock: threading.Lock) -> float:
     """Every unfinished stage of `experiment`, each a train.py process; returns seconds spent."""
     run_dir = run_dir_of(root, preset, experiment)
-    if experiment.init_from is not None:
-        copy_init(root, preset, experiment)
+    init_from = (["--init-from", run_dir_of(root, preset, by_name(experiment.init_from))]
+                 if experiment.init_from is not None else [])
     tic = time.perf_counter()
     for stage in experiment.stages:
         state = stage_done(run_dir, stage)
@@ -110,7 +93,7 @@ def run_experiment(root: str, preset: str, experiment: Experiment, threads: int,
             continue
         command = [sys.executable, "train.py", "--stage", stage, "--preset", preset,
                    "--run-dir", run_dir, *experiment.options] + (["--resume"] if state is False
-                                                                   else [])
+                                                                   else init_from)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         with lock:
             print(f"[{experiment.name}] {' '.join(command[1:])}", flush=True)

@@ -955,15 +955,53 @@ def atomic_save_text(text: str, path: str) -> None:
     os.replace(tmp, path)
 
 
-def run(stage: str, run_dir: str, cfg: Optional[Config], *, resume: bool = False) -> Config:
-    """Run `stage` ("init", "em", "prior" or "all") in `run_dir`; returns the run's Config."""
+# settings that only the em and prior stages read: runs that differ in nothing else share init
+AFTER_INIT = ("em_steps", "em_cycle", "em_ae_steps", "prior_steps", "prior_samples", "eta_nbr",
+              "eta_dist", "eta_area", "eta_presv", "eta_bin", "nbr_size", "nbr_normalize",
+              "bin_form", "segmenter_losses", "detach_mask", "collapse_low", "collapse_high",
+              "log_every", "checkpoint_every", "figure_every", "preview", "device", "threads")
+
+
+def copy_init(source_dir: str, run_dir: str, cfg: Config) -> None:
+    """Start `run_dir` from the finished init stage of `source_dir` (`--init-from`).
+
+    The init stage (Sec. 3.3) reads no EM or segmenter-loss setting, so ablations of the EM
+    stage (Sec. 4.4) can share one init: the copy is the file their own init would write.
+    Raises RunError when the source is unfinished or was configured differently before EM.
+    """
+    source = load_checkpoint(checkpoint_path(source_dir, "init"))
+    if not source["done"]:
+        raise RunError(f"--init-from {source_dir}: its init stage is not finished")
+    differ = sorted(name for name, value in dataclasses.asdict(cfg).items()
+                    if name not in AFTER_INIT and source["config"].get(name) != value)
+    if differ:
+        raise RunError(f"--init-from {source_dir}: its init was trained with other settings "
+                       f"({', '.join(differ)}); only {', '.join(AFTER_INIT[:6])}, ... may differ")
+    target = checkpoint_path(run_dir, "init")
+    if not os.path.exists(target):
+        atomic_save(source, target)
+        say(run_dir, f"init: copied the finished init stage of {source_dir}")
+
+
+def run(stage: str, run_dir: str, cfg: Optional[Config], *, resume: bool = False,
+        init_from: Optional[str] = None) -> Config:
+    """Run `stage` ("init", "em", "prior" or "all") in `run_dir`; returns the run's Config.
+
+    `init_from`: another run dir whose finished init stage this run starts from (`copy_init`);
+    the init stage is then not trained here.
+    """
     if stage not in STAGES + ("all",):
         raise ValueError(f"stage must be one of {STAGES + ('all',)}, got {stage!r}")
+    if init_from is not None and stage not in ("em", "all"):
+        raise RunError(f"--init-from starts the em stage: use it with --stage em or all")
     cfg = prepare_run_dir(run_dir, cfg)
+    if init_from is not None:
+        copy_init(init_from, run_dir, cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     face_model = bfm.load_face_model(cfg.face_model).to(torch.device(cfg.device))
-    for name in (STAGES if stage == "all" else (stage,)):
+    stages = STAGES if stage == "all" else (stage,)
+    for name in (s for s in stages if not (init_from is not None and s == "init")):
         path = checkpoint_path(run_dir, name)
         if stage == "all" and resume and not os.path.exists(path):
             # a stage that never started begins normally (its predecessor is finished)
@@ -1025,6 +1063,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", help="default runs/<preset>[-<variant>][-<losses>]")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run dir's last checkpoint (an error if none)")
+    parser.add_argument("--init-from", metavar="RUN_DIR",
+                        help="start the em stage from another run's finished init stage (EM "
+                             "ablations share one init)")
     parser.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int)
     return parser
@@ -1054,7 +1095,7 @@ def main(argv: Optional[list] = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     try:
-        run(args.stage, run_dir, cfg, resume=args.resume)
+        run(args.stage, run_dir, cfg, resume=args.resume, init_from=args.init_from)
     except RunError as error:
         sys.exit(f"error: {error}")
 

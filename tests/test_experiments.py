@@ -34,3 +34,18 @@ def test_unknown_experiment_is_an_error(capsys):
     with pytest.raises(SystemExit):
         experiments.main(["--only", "nonsense"])
     assert "no experiment 'nonsense'" in capsys.readouterr().err
+
+
+def test_init_from_refuses_a_differently_trained_init(tmp_path):
+    source = str(tmp_path / "source")
+    train.run("init", source, train.make_config("tiny"))
+    with pytest.raises(train.RunError, match="lr"):
+        train.run("em", str(tmp_path / "other"), train.make_config("tiny", lr=0.5),
+                  init_from=source)
+    with pytest.raises(train.RunError, match="--stage em or all"):
+        train.run("prior", str(tmp_path / "third"), train.make_config("tiny"), init_from=source)
+    # EM settings may differ: the copy starts EM and the init stage is not retrained
+    cfg = train.make_config("tiny", eta_area=2.0, segmenter_losses="baseline")
+    train.run("all", str(tmp_path / "ablation"), cfg, init_from=source)
+    log = (tmp_path / "ablation" / "log.csv").read_text()
+    assert "\ninit," not in log and "\nem," in log and "\nprior," in log
