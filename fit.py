@@ -21,8 +21,11 @@ Deviations from the paper: none in substance; the paper trains networks and does
 per image. lambda_4 (L_reg) defaults to 0.01 instead of 0.1 (see `fit`). The robust mode's EM alternates a threshold mask with fitting, not Egger et al.'s full likelihood
 models (face, beard, background).
 
-Run `python fit.py 3 --mode robust` to fit held-out synthetic sample 3 (writes into
-out/fit/); `python -m pytest -q tests/test_fit.py` tests this module.
+Run `python fit.py 3 --mode robust` to fit held-out synthetic sample 3, or
+`python fit.py photo.jpg --landmarks landmarks.csv --mode robust` to fit an image file with its
+68 landmarks (a CSV row in the official format; aligned like `data.ImageFolderFaces`); add
+`--mode segmenter --run RUN_DIR` to use a trained FOCUS segmenter. Writes into out/fit/;
+`python -m pytest -q tests/test_fit.py` tests this module.
 """
 import argparse
 import os
@@ -176,27 +179,135 @@ def _progress_strip(snapshots, target: torch.Tensor) -> torch.Tensor:
     return torch.cat([target[0]] + [image[0] for _, image in snapshots], dim=2)
 
 
+LANDMARK_HINT = ("68 landmarks per image, one CSV row `filename, x1, y1, ..., x68, y68`; "
+                 "`python data.py prepare PHOTOS OUT` detects them with the optional dlib")
+
+
+def _synthetic_sample(index: int, model: bfm.MorphableModel, *, size: int, subset: str):
+    """Held-out synthetic sample `index` (seed 1): image (1, 3, S, S), landmarks (1, 68, 2)."""
+    import data
+
+    dataset = data.SyntheticFaces(face_model=model, size=size, subset=subset, seed=1,
+                                  length=index + 1)
+    sample = torch.utils.data.default_collate([dataset[index]])
+    return sample["image"], sample["landmarks"]
+
+
+def _landmark_row(path: str, csv_path: str):
+    """The `data.CsvRow` of image `path` in a landmark CSV: the row whose filename has the
+    image's basename (among several, the one naming this file relative to the CSV's folder).
+    Raises data.BadInput naming the files when there is no CSV or no single such row."""
+    import data
+
+    if not os.path.isfile(csv_path):
+        raise data.BadInput(f"{csv_path}: landmark CSV not found for {path}; pass --landmarks CSV "
+                            f"({LANDMARK_HINT})")
+    rows, _ = data.read_landmark_csv(csv_path)
+    name = os.path.basename(path)
+    matches = [row for row in rows if os.path.basename(row.filename) == name]
+    if len(matches) > 1:
+        folder, target = os.path.dirname(csv_path), os.path.abspath(path)
+        matches = [row for row in matches
+                   if os.path.abspath(os.path.join(folder, row.filename)) == target] or matches
+    if not matches:
+        raise data.BadInput(f"{csv_path}: no row for {name} (image {path}); add one "
+                            f"({LANDMARK_HINT})")
+    if len(matches) > 1:
+        lines = ", ".join(str(row.line) for row in matches)
+        raise data.BadInput(f"{csv_path}: several rows (lines {lines}) name {name}; keep one")
+    return matches[0]
+
+
+def _image_file_sample(path: str, csv_path: str, *, size: int):
+    """An image file and its CSV landmarks, aligned to S x S as `data.ImageFolderFaces` aligns
+    (Deep3D's 5-point crop): image (1, 3, S, S), landmarks (1, 68, 2) in crop pixels.
+    Raises data.BadInput naming the file when the image, the CSV or its row cannot be used."""
+    import data
+
+    image = data.load_image(path)  # (3, h, w)
+    row = _landmark_row(path, csv_path)
+    data.check_landmarks(row.landmarks, image.shape[1], image.shape[2],
+                         f"{path} ({csv_path}:{row.line})")
+    matrix = data.alignment_matrix(row.landmarks, size=size)  # photo -> crop
+    landmarks = torch.from_numpy(data.apply_affine(matrix, row.landmarks)).float()  # (68, 2)
+    aligned = data.warp_image(image, matrix, size=size).clamp(0, 1)  # (3, S, S)
+    return aligned[None], landmarks[None]
+
+
 def main(argv=None) -> FitResult:
-    parser = argparse.ArgumentParser(description="Fit the face model to one image.")
-    parser.add_argument("sample", help="an index into the held-out synthetic test set")
-    parser.add_argument("--subset", default="random", help="synthetic subset (data.SUBSETS)")
+    parser = argparse.ArgumentParser(
+        description="Fit the face model to one image: a held-out synthetic sample, or an image file "
+                    "with its 68 landmarks, aligned to SIZE x SIZE like data.ImageFolderFaces.")
+    parser.add_argument("input", metavar="INPUT",
+                        help="all digits: an index into the held-out synthetic test set; "
+                             "otherwise the path of an image file (see --landmarks)")
+    parser.add_argument("--landmarks", metavar="CSV",
+                        help="for an image file: its landmark CSV in the official format (filename, "
+                             "x1, y1, ..., x68, y68), the row with the image's basename; default: "
+                             "landmarks.csv beside the image")
+    parser.add_argument("--subset", default="random",
+                        help="for a sample index: the synthetic subset (data.SUBSETS)")
     parser.add_argument("--mode", choices=MODES, default="robust")
+    parser.add_argument("--run", metavar="RUN_DIR",
+                        help="needed by --mode segmenter: a train.py run whose finished 'em' stage "
+                             "gives the segmenter; its image_size and face_model replace --size "
+                             "and --face-model")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--landmark-steps", type=int, default=100)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--face-model", default="toy")
+    parser.add_argument("--xi", type=float, default=0.17,
+                        help="M_pre threshold of --mode robust (Eq. 10; official code 0.0166)")
+    parser.add_argument("--mask-every", type=int, default=10,
+                        help="re-estimate the mask every this many steps (robust, segmenter)")
+    parser.add_argument("--lambda-reg", type=float, default=0.01,
+                        help="weight of L_reg (lambda_4; the paper trains networks with 0.1)")
+    parser.add_argument("--size", type=int, default=224, help="the fitting size (SIZE x SIZE)")
+    parser.add_argument("--face-model", default="toy", help="a bfm.load_face_model spec")
     parser.add_argument("--out", default=os.path.join("out", "fit"))
     args = parser.parse_args(argv)
     import data  # the command line reads samples; `fit` itself takes tensors
 
-    if not args.sample.isdigit():
-        parser.error(f"sample must be a synthetic sample index, got {args.sample!r}")
-    model = bfm.load_face_model(args.face_model)
-    dataset = data.SyntheticFaces(face_model=model, size=args.size, subset=args.subset,
-                                  seed=1, length=int(args.sample) + 1)
-    sample = torch.utils.data.default_collate([dataset[int(args.sample)]])
-    result = fit(sample["image"], sample["landmarks"], model, mode=args.mode, steps=args.steps,
-                 landmark_steps=args.landmark_steps,
+    sample_index = args.input.isdigit()
+    if sample_index and args.landmarks is not None:
+        parser.error("--landmarks is for an image file, not a synthetic sample index")
+    segmenter = None
+    if args.mode == "segmenter":
+        if args.run is None:
+            parser.error("--mode segmenter needs a trained segmenter: pass --run RUN_DIR "
+                         "(a train.py run)")
+        import train
+
+        try:
+            cfg, _, segmenter = train.load_models(args.run, stage="em")
+        except train.RunError as error:
+            parser.error(str(error))
+        if segmenter is None:
+            parser.error(f"{args.run}: variant {cfg.variant!r} trains no segmenter")
+        if args.size != cfg.image_size:
+            print(f"fitting at the run's image size {cfg.image_size} (not --size {args.size})")
+        if args.face_model != cfg.face_model:
+            print(f"using the run's face model {cfg.face_model!r} "
+                  f"(not --face-model {args.face_model!r})")
+        args.size, args.face_model = cfg.image_size, cfg.face_model
+    elif args.run is not None:
+        parser.error(f"--run gives the segmenter of --mode segmenter; drop it for "
+                     f"--mode {args.mode}")
+
+    if sample_index:
+        model = bfm.load_face_model(args.face_model)
+        image, landmarks = _synthetic_sample(int(args.input), model, size=args.size,
+                                             subset=args.subset)
+    else:
+        csv_path = args.landmarks or os.path.join(os.path.dirname(args.input), "landmarks.csv")
+        try:
+            image, landmarks = _image_file_sample(args.input, csv_path, size=args.size)
+        except data.BadInput as error:
+            parser.error(str(error))
+        model = bfm.load_face_model(args.face_model)  # after the file checks: it takes a while
+    if args.steps < 0 or args.landmark_steps < 0 or args.mask_every < 1 or args.size < 16:
+        parser.error("--steps and --landmark-steps must be >= 0, --mask-every >= 1, --size >= 16")
+    result = fit(image, landmarks, model, mode=args.mode, steps=args.steps,
+                 landmark_steps=args.landmark_steps, segmenter=segmenter, xi=args.xi,
+                 mask_every=args.mask_every, lambda_reg=args.lambda_reg,
                  snapshot_every=max(1, (args.steps + args.landmark_steps) // 8),
                  callback=lambda row: print(
                      f"step {row['step']:4d} {row['stage']:9s} L_R {row['L_R']:.4f} "
@@ -207,9 +318,9 @@ def main(argv=None) -> FitResult:
         vertices = model.vertices(t.id, t.exp)[0]
         colors = model.albedo(t.albedo)[0].clamp(0, 1)
     bfm.save_obj(os.path.join(args.out, "fit.obj"), vertices, model.triangles, colors)
-    _save_png(os.path.join(args.out, "render.png"), composite(result.rendered, sample["image"])[0])
+    _save_png(os.path.join(args.out, "render.png"), composite(result.rendered, image)[0])
     _save_png(os.path.join(args.out, "mask.png"), result.mask[0])
-    _save_png(os.path.join(args.out, "progress.png"), _progress_strip(result.snapshots, sample["image"]))
+    _save_png(os.path.join(args.out, "progress.png"), _progress_strip(result.snapshots, image))
     print(f"wrote fit.obj, render.png, mask.png, progress.png to {args.out}")
     return result
 

@@ -1,10 +1,13 @@
 """Tests of fit.py: per-image analysis-by-synthesis recovers a synthetic face, and the robust
-mode's per-image EM masks out an occluder that drags the plain fit."""
+mode's per-image EM masks out an occluder that drags the plain fit; the command line fits a
+synthetic sample index or an image file with CSV landmarks, and a trained run's segmenter."""
 import pytest
 import torch
 
 import bfm
+import data
 import fit
+import train
 
 SIZE = 96
 
@@ -84,3 +87,82 @@ def test_fit_rejects_bad_input(scene):
         fit.fit(image, out.landmarks[:, :5], model)
     with pytest.raises(ValueError, match="image"):
         fit.fit(image[0], out.landmarks, model)
+
+
+# ----------------------------------------------------------------------------- command line
+
+CLI_MODEL = "toy,resolution=48"
+CLI_FAST = ["--steps", "3", "--landmark-steps", "5", "--face-model", CLI_MODEL]
+OUTPUTS = ("fit.obj", "render.png", "mask.png", "progress.png")
+
+
+@pytest.fixture(scope="module")
+def face_file(tmp_path_factory):
+    """A synthetic face saved as face.png (96 x 96) with its 68 landmarks in landmarks.csv
+    beside it (official format). Returns (image path, landmarks (68, 2) in the photo, the
+    face model)."""
+    folder = tmp_path_factory.mktemp("photos")
+    model = bfm.load_face_model(CLI_MODEL)
+    sample = data.SyntheticFaces(face_model=model, size=96, subset="unoccluded", seed=5,
+                                 length=1)[0]
+    fit._save_png(str(folder / "face.png"), sample["image"])
+    landmarks = sample["landmarks"].double().numpy()  # (68, 2)
+    (folder / "landmarks.csv").write_text(
+        "other.png," + ",".join(["40"] * 136) + "\n"
+        + "face.png," + ",".join(f"{v:.4f}" for v in landmarks.flatten()) + "\n")
+    return str(folder / "face.png"), landmarks, model
+
+
+def test_cli_fits_an_image_file_with_csv_landmarks(face_file, tmp_path):
+    path, landmarks, model = face_file
+    out = tmp_path / "out"
+    result = fit.main([path, "--size", "64", "--out", str(out)] + CLI_FAST)
+    assert all((out / name).is_file() for name in OUTPUTS)
+    assert result.theta.shape == (1, 257) and result.mask.shape == (1, 1, 64, 64)
+    assert result.rendered.image.shape == (1, 3, 64, 64)
+    # the CSV's landmarks aligned to the 64 x 64 crop as ImageFolderFaces aligns them
+    matrix = data.alignment_matrix(landmarks, size=64)
+    target = torch.from_numpy(data.apply_affine(matrix, landmarks)).float()  # (68, 2)
+    with torch.no_grad():
+        mean = fit.render_theta(torch.zeros(1, 257), model, height=64, width=64).landmarks[0]
+    fitted = result.rendered.landmarks[0]
+    assert (fitted - target).norm(dim=-1).mean() < 0.8 * (mean - target).norm(dim=-1).mean()
+
+
+def test_cli_still_fits_a_synthetic_sample_index(tmp_path):
+    result = fit.main(["0", "--size", "32", "--out", str(tmp_path)] + CLI_FAST)
+    assert all((tmp_path / name).is_file() for name in OUTPUTS)
+    assert result.mask.shape == (1, 1, 32, 32)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing file", "nothere.png: no such file"),
+    ("no csv row", "no row for face.png"),
+    ("no csv", "python data.py prepare PHOTOS OUT"),
+    ("segmenter without run", "--mode segmenter needs a trained segmenter"),
+    ("bad run", "no config.json"),
+])
+def test_cli_rejects_bad_input(face_file, tmp_path, capsys, case, expected):
+    path = face_file[0]
+    (tmp_path / "other.csv").write_text("other.png," + ",".join(["40"] * 136) + "\n")
+    argv = {"missing file": [str(tmp_path / "nothere.png")],
+            "no csv row": [path, "--landmarks", str(tmp_path / "other.csv")],
+            "no csv": [path, "--landmarks", str(tmp_path / "none.csv")],
+            "segmenter without run": [path, "--mode", "segmenter"],
+            "bad run": [path, "--mode", "segmenter", "--run", str(tmp_path)]}[case]
+    with pytest.raises(SystemExit):
+        fit.main(argv + ["--size", "32", "--out", str(tmp_path / "out")] + CLI_FAST)
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_segmenter_mode_uses_a_trained_run(face_file, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    cfg = train.run("all", run_dir, train.make_config("tiny"))  # seconds: image size 32
+    path = face_file[0]
+    capsys.readouterr()
+    result = fit.main([path, "--mode", "segmenter", "--run", run_dir,
+                       "--out", str(tmp_path / "out"), "--steps", "3", "--landmark-steps", "2"])
+    assert f"run's image size {cfg.image_size} (not --size 224)" in capsys.readouterr().out
+    assert result.mask.shape == (1, 1, cfg.image_size, cfg.image_size)
+    assert all((tmp_path / "out" / name).is_file() for name in OUTPUTS)
