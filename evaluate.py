@@ -10,6 +10,8 @@ Paper map (Li et al., CVPR 2023, Sec. 4 and Supp. B):
       alignment; median / mean / std over vertices
     misfit prior P - E_MP; paired t-test of its effect     paired_t_test         Sec. 3.4, Supp. B.3
     Gaussian skin-colour segmenter (Deep3D's masks)        SkinColourModel       Fig. 5, 7, Tab. 4
+    mask F1 against one eta at a time                      sweep                 Supp. Fig. 4
+    per-image fitting vs one forward pass                  compare_fitting       Sec. 1-2
 
 Test data are synthetic faces (`data.SyntheticFaces`) of five subsets, unoccluded, glasses,
 scarf, hand (skin-coloured occluders, Fig. 7) and random, drawn with seed `EVAL_SEED`, which no
@@ -36,7 +38,8 @@ Run: `python evaluate.py --run runs/cpu [runs/cpu-mofa ...]` (markdown tables on
 in results/tables.md, numbers in results/results.json, figures in results/);
 `python evaluate.py export --run runs/cpu --images DIR --out DIR` writes .obj meshes, masks and
 reconstructions of a folder of photos; `python evaluate.py fitting --run runs/cpu` compares
-per-image fitting (fit.py) with the trained networks.
+per-image fitting (fit.py) with the trained networks; `python evaluate.py sweep --run RUNS`
+plots mask F1 against one eta at a time (Supp. Fig. 4, runs from `experiments.py --group sweep`).
 Tests: `python -m pytest -q tests/test_evaluate.py`.
 """
 import argparse
@@ -663,6 +666,92 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
 
 
 # ----------------------------------------------------------------------------------------------
+# one eta at a time (Supp. Fig. 4)
+# ----------------------------------------------------------------------------------------------
+
+SWEPT = ("eta_nbr", "eta_dist", "eta_area", "eta_presv", "eta_bin")
+
+
+def swept_setting(cfg, reference) -> Optional[tuple]:
+    """(name, value) of the one segmenter weight in which `cfg` differs from `reference`; None
+    when it differs in none. Raises RunError when it differs in more, or in anything else."""
+    differ = [f.name for f in dataclasses.fields(cfg)
+              if getattr(cfg, f.name) != getattr(reference, f.name)]
+    if not differ:
+        return None
+    if len(differ) > 1 or differ[0] not in SWEPT:
+        raise train.RunError(f"a sweep run must differ from the reference in one of {SWEPT} "
+                             f"only, got {differ}")
+    return differ[0], getattr(cfg, differ[0])
+
+
+def sweep(run_dirs: List[str], *, out: str = "results", count: int = 50, device: str = "cpu",
+          subsets=SUBSETS) -> List[dict]:
+    """Mask F1 of the FOCUS segmenter of runs that vary one eta each around a reference run
+    (the run that differs from no other in its settings, e.g. experiments.py's sweep-reference).
+
+    Writes sweep.md, sweep.json and sweep.png (F1 against each eta, Supp. Fig. 4) to `out`.
+    """
+    cfgs = {r: train.read_config(r) for r in run_dirs}
+    references = [r for r in run_dirs if all(
+        len([f for f in dataclasses.fields(c) if getattr(c, f.name) != getattr(cfgs[r], f.name)])
+        <= 1 for c in cfgs.values())]
+    if not references:
+        raise train.RunError("no reference run: every sweep run must differ from one run (the "
+                             "reference) in a single eta")
+    reference = cfgs[references[0]]
+    model = bfm.load_face_model(reference.face_model)
+    sets = test_sets(model, reference.image_size, count, subsets=subsets)
+    points = []
+    for run_dir in run_dirs:
+        setting = swept_setting(cfgs[run_dir], reference)
+        result = summarize(evaluate_method(Method("FOCUS", run_dir, "em", "segmenter"), sets,
+                                           prior=None, skin_model=None, device=device))
+        for name in ([setting[0]] if setting else SWEPT):
+            value = setting[1] if setting else getattr(reference, name)
+            points.append({"eta": name, "value": value, "run": run_dir, "reference": not setting,
+                           **{g: result[g]["F1"]["mean"] for g in ("unoccluded", "occluded")
+                              if g in result}})
+        print(f"  {run_dir}: {setting or 'reference'}", flush=True)
+    points = [p for p in points if any(q["eta"] == p["eta"] and not q["reference"]
+                                       for q in points)]
+    points.sort(key=lambda p: (p["eta"], p["value"]))
+    lines = ["| eta | value | occluded F1 | unoccluded F1 |", "|---|---|---|---|"]
+    lines += [f"| {p['eta']} | {p['value']:g}{' (reference)' if p['reference'] else ''} | "
+              f"{_f(p.get('occluded'), 3)} | {_f(p.get('unoccluded'), 3)} |" for p in points]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump(points, f, indent=1)
+    figure_sweep(os.path.join(out, "sweep.png"), points)
+    print("\n".join(lines) + f"\nwrote {out}/sweep.md, sweep.json and sweep.png")
+    return points
+
+
+def figure_sweep(path: str, points: List[dict]) -> None:
+    """Supp. Fig. 4: mask F1 against each swept eta (log axis), reference marked."""
+    from matplotlib.figure import Figure
+    names = list(dict.fromkeys(p["eta"] for p in points))
+    fig = Figure(figsize=(4 * max(len(names), 1), 3.2))
+    axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        chosen = [p for p in points if p["eta"] == name]
+        for group, style in (("occluded", "o-"), ("unoccluded", "s--")):
+            ax.plot([p["value"] for p in chosen], [p.get(group, float("nan")) for p in chosen],
+                    style, label=group)
+        for p in chosen:
+            if p["reference"]:
+                ax.axvline(p["value"], color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel("mask F1")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+# ----------------------------------------------------------------------------------------------
 # per-image fitting vs the trained encoder (fit.py; paper Sec. 1-2: optimisation vs amortisation)
 # ----------------------------------------------------------------------------------------------
 
@@ -781,6 +870,22 @@ def main(argv: Optional[list] = None) -> None:
         except (train.RunError, data.BadInput) as error:
             sys.exit(f"error: {error}")
         print(f"wrote {count} reconstructions to {args.out}")
+        return
+    if argv[:1] == ["sweep"]:
+        parser = argparse.ArgumentParser(
+            prog="evaluate.py sweep", description="Mask F1 of runs that each change one eta "
+            "of a reference run (Supp. Fig. 4): experiments.py --group sweep trains them.")
+        parser.add_argument("--run", "--runs", dest="runs", nargs="+", required=True)
+        parser.add_argument("--count", type=int, default=50, help="faces per subset (default 50)")
+        parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=SUBSETS)
+        parser.add_argument("--out", default="results")
+        parser.add_argument("--device", default="cpu")
+        args = parser.parse_args(argv[1:])
+        try:
+            sweep(args.runs, out=args.out, count=args.count, device=args.device,
+                  subsets=tuple(args.subsets))
+        except train.RunError as error:
+            sys.exit(f"error: {error}")
         return
     if argv[:1] == ["fitting"]:
         parser = argparse.ArgumentParser(

@@ -22,7 +22,12 @@ skipped and one interrupted is continued with `--resume`, so rerunning this scri
 crash or Ctrl-C loses at most the steps since the last checkpoint. `--jobs 2` runs two stages at
 once with one torch thread each (the default on a 2-core machine).
 
-Run: `python experiments.py` (then the tables are in results/); `python experiments.py --help`.
+Supp. Fig. 4 (`--group sweep`): EM runs of `SWEEP_EM_STEPS` steps from the FOCUS init that
+change one of eta_nbr, eta_area, eta_bin (x 0.5 and x 2), plus a reference run of the same
+length; `python evaluate.py sweep` plots mask F1 against each eta.
+
+Run: `python experiments.py` (then the tables are in results/); `python experiments.py --group
+sweep`; `python experiments.py --help`.
 """
 import argparse
 import os
@@ -52,6 +57,21 @@ EXPERIMENTS = (
 )
 
 
+# Supp. Fig. 4: one eta at a time around the preset's value, EM only (shorter, from the FOCUS
+# init), with a reference run of the same length
+SWEEP = {"eta_nbr": (7.5, 30.0), "eta_area": (2.0, 8.0), "eta_bin": (0.5, 2.0)}
+SWEEP_EM_STEPS = 1_200
+SWEEP_EXPERIMENTS = (
+    Experiment("sweep-reference", ("--em-steps", str(SWEEP_EM_STEPS)), ("em",),
+               init_from="focus"),
+    *(Experiment(f"sweep-{name}-{value:g}", (train._flag(name), str(value), "--em-steps",
+                                            str(SWEEP_EM_STEPS)), ("em",), init_from="focus")
+      for name, values in SWEEP.items() for value in values),
+)
+GROUPS = {"tables": EXPERIMENTS, "sweep": SWEEP_EXPERIMENTS,
+          "all": EXPERIMENTS + SWEEP_EXPERIMENTS}
+
+
 def run_dir_of(root: str, preset: str, experiment: Experiment) -> str:
     """runs/cpu, runs/cpu-mofa, ...: the directory train.py would choose by default."""
     suffix = "" if experiment.name == "focus" else f"-{experiment.name}"
@@ -67,10 +87,11 @@ def stage_done(run_dir: str, stage: str) -> Optional[bool]:
 
 
 def by_name(name: str) -> Experiment:
-    for experiment in EXPERIMENTS:
+    for experiment in GROUPS["all"]:
         if experiment.name == name:
             return experiment
-    raise ValueError(f"no experiment {name!r}: choose from {[e.name for e in EXPERIMENTS]}")
+    raise ValueError(f"no experiment {name!r}: choose from "
+                     f"{[e.name for e in GROUPS['all']]}")
 
 
 def ready(root: str, preset: str, experiment: Experiment) -> bool:
@@ -145,7 +166,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu", choices=sorted(train.PRESETS))
     parser.add_argument("--root", default="runs", help="folder of the run dirs (default runs)")
-    parser.add_argument("--only", nargs="+", help=f"a subset of {[e.name for e in EXPERIMENTS]}")
+    parser.add_argument("--group", choices=sorted(GROUPS), default="tables",
+                        help="tables (default): the runs of the result tables; sweep: EM runs "
+                             "varying one eta at a time (Supp. Fig. 4); all: both")
+    parser.add_argument("--only", nargs="+", help="experiment names (instead of --group)")
     parser.add_argument("--jobs", type=int, default=2, help="stages run at once (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--out", default="results", help="where the tables go (default results)")
@@ -154,7 +178,8 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-eval", action="store_true", help="train only")
     args = parser.parse_args(argv)
     try:
-        experiments = [by_name(n) for n in args.only] if args.only else list(EXPERIMENTS)
+        experiments = ([by_name(n) for n in args.only] if args.only
+                       else list(GROUPS[args.group]))
     except ValueError as error:
         parser.error(str(error))
     if args.jobs < 1 or args.threads < 1:
@@ -170,12 +195,13 @@ def main(argv=None) -> None:
     if args.skip_eval:
         return
     import evaluate
-    runs = [run_dir_of(args.root, args.preset, e) for e in EXPERIMENTS
-            if os.path.exists(os.path.join(run_dir_of(args.root, args.preset, e), "config.json"))]
-    options = ["--runs", *runs, "--out", args.out]
-    if args.eval_count:
-        options += ["--count", str(args.eval_count)]
-    evaluate.main(options)
+    count = ["--count", str(args.eval_count)] if args.eval_count else []
+    for group, command in (("tables", []), ("sweep", ["sweep"])):
+        runs = [run_dir_of(args.root, args.preset, e) for e in GROUPS[group]
+                if os.path.exists(train.checkpoint_path(run_dir_of(args.root, args.preset, e),
+                                                        "em"))]
+        if runs and any(e in experiments for e in GROUPS[group]):
+            evaluate.main(command + ["--runs", *runs, "--out", args.out] + count)
     print(f"all: {(time.perf_counter() - tic) / 60:.1f} min")
 
 

@@ -287,3 +287,24 @@ def test_fitting_comparison_rows(tiny_run, tmp_path, capsys):
     assert "| fit, robust (per-image EM) |" in (out / "fitting.md").read_text()
     with pytest.raises(SystemExit, match="no segmenter"):
         evaluate.main(["fitting", "--run", mofa_dir])
+
+
+def test_sweep_plots_one_eta_at_a_time(tiny_run, tmp_path):
+    focus_dir, _ = tiny_run
+    runs = {}
+    for name, overrides in (("ref", {}), ("area", {"eta_area": 2.0}), ("bin", {"eta_bin": 3.0}),
+                            ("window", {"nbr_size": 5})):
+        runs[name] = str(tmp_path / name)
+        train.run("em", runs[name], train.make_config("tiny", **overrides), init_from=focus_dir)
+    out = tmp_path / "sweep"
+    evaluate.main(["sweep", "--run", runs["ref"], runs["area"], runs["bin"], "--count", "2",
+                   "--subsets", "scarf", "--out", str(out)])
+    points = json.loads((out / "sweep.json").read_text())
+    assert [(p["eta"], p["value"], p["reference"]) for p in points] == [
+        ("eta_area", 2.0, False), ("eta_area", 4.0, True), ("eta_bin", 1.0, True),
+        ("eta_bin", 3.0, False)]
+    assert all(0 <= p["occluded"] <= 1 for p in points if p["occluded"] == p["occluded"])
+    assert (out / "sweep.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="one of"):
+        evaluate.main(["sweep", "--run", runs["ref"], runs["area"], runs["window"], "--count", "2",
+                       "--subsets", "scarf", "--out", str(out)])
