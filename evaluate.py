@@ -400,6 +400,14 @@ def summarize(results: dict) -> dict:
 # tables
 # ----------------------------------------------------------------------------------------------
 
+MASK_ONLY = ("Skin detector", "Whole region", "M_pre")  # another row's R with another mask
+
+
+def _own_reconstruction(rows: Dict[str, dict]) -> Dict[str, dict]:
+    """The rows with their own R: RMSE and shape of a mask-only row repeat its R's row."""
+    return {label: s for label, s in rows.items() if label not in MASK_ONLY}
+
+
 def _f(x: float, digits: int = 2) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
@@ -413,7 +421,7 @@ def table_rmse(rows: Dict[str, dict]) -> str:
     groups = [g for g in ("unoccluded", "occluded", "overall") + OCCLUDED
               if any(g in s for s in rows.values())]
     lines = ["| method | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
-    for label, s in rows.items():
+    for label, s in _own_reconstruction(rows).items():
         lines.append(f"| {label} | " + " | ".join(_pm(s[g]["rmse"]) if g in s else "-"
                                                  for g in groups) + " |")
     return "\n".join(lines)
@@ -425,7 +433,7 @@ def table_shape(rows: Dict[str, dict]) -> str:
     head = ("| method | unoccluded median | mean | std | occluded median | mean | std |\n"
             "|---|---|---|---|---|---|---|")
     lines = [head]
-    for label, s in rows.items():
+    for label, s in _own_reconstruction(rows).items():
         for key, suffix in (("shape_vertex", ""), ("shape_mp_vertex", "-MP")):
             if key not in s.get("overall", {}):
                 continue
@@ -459,7 +467,8 @@ def table_ablation(rows: Dict[str, dict]) -> str:
     for label in family:
         s = rows[label]
         f1 = [_pm(s[g]["F1"]) if g in s and "F1" in s[g] else "-" for g in groups]
-        shape = [_f(s["overall"]["shape_vertex"][k]) for k in ("median", "mean", "std")]
+        shape = [_f(s["overall"]["shape_vertex"][k]) if label not in MASK_ONLY else "-"
+                 for k in ("median", "mean", "std")]
         lines.append(f"| {label} | " + " | ".join(f1 + shape) + " |")
         if label == "FOCUS" and "shape_mp_vertex" in s["overall"]:
             mp = [_f(s["overall"]["shape_mp_vertex"][k]) for k in ("median", "mean", "std")]
@@ -582,7 +591,8 @@ def figure_per_subset(path: str, rows: Dict[str, dict]) -> None:
     axes = fig.subplots(1, 2)
     for ax, (metric, title) in zip(axes, (("F1", "mask F1 (higher is better)"),
                                           ("shape", "shape error, mean mm (lower is better)"))):
-        labels = [l for l, r in rows.items() if metric in r.get("overall", {})]
+        shown = rows if metric == "F1" else _own_reconstruction(rows)
+        labels = [l for l, r in shown.items() if metric in r.get("overall", {})]
         width = 0.8 / max(len(labels), 1)
         for i, label in enumerate(labels):
             means = [rows[label][s][metric]["mean"] for s in subsets]
