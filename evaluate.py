@@ -21,8 +21,10 @@ sample carries its exact visible-face mask and neutral shape.
 Rows (methods) come from run directories (`experiments.py` trains them all): a FOCUS run gives
 "FOCUS" (its EM segmenter), "Pretrained" (the segmenter at the end of init), "M_pre (xi)" (the
 preliminary mask of the init autoencoder), "Skin detector" (the skin-colour mask on the FOCUS
-autoencoder's region) and "Whole region" (every rendered pixel is face: the sanity row a
-useful mask must beat); ablation runs give "Baseline", "Neighbor", "Perceptual"; baseline runs
+autoencoder's region), "Whole region" (every rendered pixel is face: the sanity row a
+useful mask must beat) and "Residual, oracle xi" (M_pre on the FOCUS autoencoder with the
+threshold that scores best on the test faces themselves: how well any colour-residual
+threshold could do with this R, a diagnostic); ablation runs give "Baseline", "Neighbor", "Perceptual"; baseline runs
 give "MoFA", "Supervised", "cutout", "cutmix". Wherever a run holds a misfit prior
 (misfit_prior.pt of the prior stage), every row also gets its "-MP" shape figures.
 
@@ -256,11 +258,12 @@ class Method(NamedTuple):
     label: str  # the row name
     run_dir: str
     stage: str  # checkpoint: "init" or "em"
-    mask: Optional[str]  # "segmenter", "preliminary", "skin", "whole" or None (no mask)
+    mask: Optional[str]  # "segmenter", "preliminary", "skin", "whole", "oracle" or None
 
 
 ROW_ORDER = ("MoFA", "Supervised", "cutout", "cutmix", "Skin detector", "Whole region",
-             "M_pre", "Pretrained", "Baseline", "Neighbor", "Perceptual", "FOCUS")
+             "Residual, oracle xi", "M_pre", "Pretrained", "Baseline", "Neighbor", "Perceptual",
+             "FOCUS")
 VARIANT_LABELS = {"mofa": "MoFA", "supervised": "Supervised", "cutout": "cutout",
                   "cutmix": "cutmix"}
 ABLATION_LABELS = {"baseline": "Baseline", "neighbor": "Neighbor", "perceptual": "Perceptual"}
@@ -280,7 +283,8 @@ def methods_of_run(run_dir: str) -> List[Method]:
         return [Method(ABLATION_LABELS[cfg.segmenter_losses], run_dir, "em", "segmenter")]
     rows = [Method("FOCUS", run_dir, "em", "segmenter"),
             Method("Skin detector", run_dir, "em", "skin"),
-            Method("Whole region", run_dir, "em", "whole")]
+            Method("Whole region", run_dir, "em", "whole"),
+            Method("Residual, oracle xi", run_dir, "em", "oracle")]
     if "init" in finished:
         rows += [Method("Pretrained", run_dir, "init", "segmenter"),
                  Method("M_pre", run_dir, "init", "preliminary")]
@@ -313,16 +317,37 @@ def test_sets(face_model, size: int, count: int, *, seed: int = EVAL_SEED,
 # evaluating one method
 # ----------------------------------------------------------------------------------------------
 
+def oracle_xi(autoencoder, sets: Dict[str, dict], *, device: str = "cpu",
+              grid=tuple(np.geomspace(0.002, 2.0, 31))) -> float:
+    """The threshold xi of M_pre (Eq. 10) with the best mean F1 over all test faces, for R's
+    reconstructions: the ceiling of any mask that thresholds this R's colour residual. It is
+    chosen on the test faces themselves (an oracle), so it is a diagnostic, not a method."""
+    scores = {xi: [] for xi in grid}
+    with torch.no_grad(), focus._eval_mode(autoencoder):
+        for faces in sets.values():
+            for first in range(0, faces["image"].shape[0], 32):
+                images = faces["image"][first:first + 32].to(device)
+                truth = faces["visible_face"][first:first + 32].to(device)
+                out = autoencoder(images)
+                for xi in grid:
+                    mask = losses.preliminary_mask(images, out.image, out.region, xi=xi)
+                    scores[xi].append(segmentation_scores(mask, truth, out.region)["F1"].cpu())
+    mean_f1 = {xi: float(np.nanmean(torch.cat(v).numpy())) for xi, v in scores.items()}
+    return max(mean_f1, key=mean_f1.get)
+
+
 def predict(method: Method, images: torch.Tensor, autoencoder, segmenter, cfg,
-            skin_model: Optional[SkinColourModel]) -> dict:
-    """R's reconstruction of `images` and the method's face mask (None without one)."""
+            skin_model: Optional[SkinColourModel], xi: Optional[float] = None) -> dict:
+    """R's reconstruction of `images` and the method's face mask (None without one); `xi`
+    replaces cfg.xi for the "oracle" mask."""
     with torch.no_grad(), focus._eval_mode(autoencoder, segmenter):
         out = autoencoder(images)
         mask = None
         if method.mask == "segmenter":
             mask = segmenter(out.image, images) * out.region
-        elif method.mask == "preliminary":
-            mask = losses.preliminary_mask(images, out.image, out.region, xi=cfg.xi)
+        elif method.mask in ("preliminary", "oracle"):
+            xi = cfg.xi if method.mask == "preliminary" else xi
+            mask = losses.preliminary_mask(images, out.image, out.region, xi=xi)
         elif method.mask == "skin":
             mask = skin_model(images) * out.region
         elif method.mask == "whole":
@@ -344,14 +369,15 @@ def evaluate_method(method: Method, sets: Dict[str, dict], *, prior: Optional[to
     cfg, autoencoder, segmenter = models or train.load_models(method.run_dir, stage=method.stage,
                                                               device=device)
     results, seconds, images_seen = {}, 0.0, 0
+    xi = oracle_xi(autoencoder, sets, device=device) if method.mask == "oracle" else None
     warm = next(iter(sets.values()))["image"][:2].to(device)
-    predict(method, warm, autoencoder, segmenter, cfg, skin_model)  # builds cached mesh data
+    predict(method, warm, autoencoder, segmenter, cfg, skin_model, xi)  # builds cached mesh data
     for subset, faces in sets.items():
         per = {}
         for first in range(0, faces["image"].shape[0], batch_size):
             part = {k: v[first:first + batch_size].to(device) for k, v in faces.items()}
             tic = time.perf_counter()
-            pred = predict(method, part["image"], autoencoder, segmenter, cfg, skin_model)
+            pred = predict(method, part["image"], autoencoder, segmenter, cfg, skin_model, xi)
             seconds += time.perf_counter() - tic
             images_seen += part["image"].shape[0]
             rows = {"rmse": image_rmse(pred["image"], part["image"], part["visible_face"],
@@ -369,6 +395,8 @@ def evaluate_method(method: Method, sets: Dict[str, dict], *, prior: Optional[to
                 per.setdefault(name, []).append(value.cpu())
         results[subset] = {name: torch.cat(values).numpy() for name, values in per.items()}
     results["seconds_per_image"] = seconds / max(images_seen, 1)
+    if xi is not None:
+        results["xi"] = xi
     return results
 
 
@@ -382,7 +410,7 @@ def summarize(results: dict) -> dict:
     groups = {**{s: (s,) for s in SUBSETS if s in results},
               "occluded": tuple(s for s in OCCLUDED if s in results),
               "overall": tuple(s for s in SUBSETS if s in results)}
-    out = {"seconds_per_image": results["seconds_per_image"]}
+    out = {k: results[k] for k in ("seconds_per_image", "xi") if k in results}
     for group, subsets in groups.items():
         if not subsets:
             continue
@@ -400,7 +428,8 @@ def summarize(results: dict) -> dict:
 # tables
 # ----------------------------------------------------------------------------------------------
 
-MASK_ONLY = ("Skin detector", "Whole region", "M_pre")  # another row's R with another mask
+# rows that reuse another row's R with another mask
+MASK_ONLY = ("Skin detector", "Whole region", "M_pre", "Residual, oracle xi")
 
 
 def _own_reconstruction(rows: Dict[str, dict]) -> Dict[str, dict]:
@@ -458,8 +487,8 @@ def table_segmentation(rows: Dict[str, dict], groups) -> str:
 
 def table_ablation(rows: Dict[str, dict]) -> str:
     """Tab. 5: F1 per subset and the shape error over all faces, for the FOCUS family."""
-    family = [l for l in ("Whole region", "M_pre", "Pretrained", "Baseline", "Neighbor",
-                          "Perceptual", "FOCUS") if l in rows]
+    family = [l for l in ("Whole region", "Residual, oracle xi", "M_pre", "Pretrained",
+                          "Baseline", "Neighbor", "Perceptual", "FOCUS") if l in rows]
     groups = [g for g in SUBSETS if any(g in rows[l] for l in family)]
     head = ("| method | " + " | ".join(f"{g} F1" for g in groups)
             + " | shape median | mean | std |")
@@ -484,6 +513,8 @@ def tables_markdown(rows: Dict[str, dict], tests: Dict[str, dict], info: dict) -
              f"face = positive." + (" FOCUS here trains without the perceptual network F "
                                     f"(perceptual = 'none'): it is the Neighbor ablation."
                                     if info.get("without_f") else ""),
+             *([f"Residual, oracle xi: xi = {rows['Residual, oracle xi']['xi']:.3g} "
+                f"(M_pre uses {info['xi']:g})."] if "Residual, oracle xi" in rows else []),
              "### Image fit: RMSE (0-255) inside the visible face (paper Tab. 1)",
              table_rmse(rows),
              "### Shape: neutral-shape error (mm) after rigid alignment (paper Tab. 3, Supp. "
@@ -647,6 +678,7 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
             tests[method.label] = paired_t_test(pooled(raw[method.label], subsets, "shape"),
                                                 pooled(raw[method.label], subsets, "shape_mp"))
     info = {"count": count, "subsets": list(subsets), "size": reference.image_size,
+            "xi": reference.xi,
             "face_model": reference.face_model, "seed": EVAL_SEED, "runs": run_dirs,
             "misfit_prior": prior_path, "seconds": round(time.perf_counter() - tic, 1),
             "without_f": any(c.perceptual == "none" and c.variant == "focus"

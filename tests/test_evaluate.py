@@ -197,7 +197,8 @@ def tiny_run(tmp_path_factory):
 def test_methods_of_runs(tiny_run):
     focus_dir, mofa_dir = tiny_run
     labels = [m.label for m in evaluate.methods_of_run(focus_dir)]
-    assert labels == ["FOCUS", "Skin detector", "Whole region", "Pretrained", "M_pre"]
+    assert labels == ["FOCUS", "Skin detector", "Whole region", "Residual, oracle xi",
+                      "Pretrained", "M_pre"]
     assert [m.label for m in evaluate.methods_of_run(mofa_dir)] == ["MoFA"]
     assert evaluate.find_prior([mofa_dir, focus_dir]).endswith("misfit_prior.pt")
 
@@ -213,7 +214,9 @@ def test_evaluate_runs_writes_tables_json_and_figures(tiny_run, tmp_path):
     with open(os.path.join(out, "results.json")) as f:
         result = json.load(f)
     rows = result["rows"]
-    assert list(rows) == ["MoFA", "Skin detector", "Whole region", "M_pre", "Pretrained", "FOCUS"]
+    assert list(rows) == ["MoFA", "Skin detector", "Whole region", "Residual, oracle xi", "M_pre",
+                          "Pretrained", "FOCUS"]
+    assert rows["Residual, oracle xi"]["xi"] > 0
     # the whole-region mask keeps every rendered pixel: recall 1 wherever there is face
     assert rows["Whole region"]["overall"]["TPR"]["mean"] == pytest.approx(1.0)
     assert "F1" not in rows["MoFA"]["overall"] and "shape_mp_vertex" in rows["MoFA"]["overall"]
@@ -308,3 +311,22 @@ def test_sweep_plots_one_eta_at_a_time(tiny_run, tmp_path):
     with pytest.raises(SystemExit, match="one of"):
         evaluate.main(["sweep", "--run", runs["ref"], runs["area"], runs["window"], "--count", "2",
                        "--subsets", "scarf", "--out", str(out)])
+
+
+def test_oracle_xi_is_the_best_threshold_of_its_grid(tiny_run):
+    focus_dir, _ = tiny_run
+    cfg, autoencoder, _ = train.load_models(focus_dir)
+    sets = evaluate.test_sets(autoencoder.face_model, cfg.image_size, 3, subsets=("scarf", "hand"))
+    grid = (0.01, 0.1, 1.0)
+    best = evaluate.oracle_xi(autoencoder, sets, grid=grid)
+    mean_f1 = {}
+    for xi in grid:  # the same score, one threshold at a time
+        values = []
+        for faces in sets.values():
+            with torch.no_grad():
+                out = autoencoder(faces["image"])
+            mask = evaluate.losses.preliminary_mask(faces["image"], out.image, out.region, xi=xi)
+            values.append(evaluate.segmentation_scores(mask, faces["visible_face"],
+                                                       out.region)["F1"])
+        mean_f1[xi] = float(np.nanmean(torch.cat(values).numpy()))
+    assert best in grid and mean_f1[best] == max(mean_f1.values())
