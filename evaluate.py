@@ -786,6 +786,9 @@ def figure_sweep(path: str, points: List[dict]) -> None:
             if p["reference"]:
                 ax.axvline(p["value"], color="grey", lw=0.8)
         ax.set_xscale("log")
+        values = sorted({p["value"] for p in chosen})
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.minorticks_off()
         ax.set_xlabel(name)
         ax.set_ylabel("mask F1")
         ax.legend(fontsize=7)
