@@ -332,10 +332,19 @@ def _se_kernel(a: torch.Tensor, b: torch.Tensor, length: float, variances) -> to
 
 
 def _eig_desc(k: torch.Tensor):
-    """Eigen-pairs of a symmetric matrix, largest first, each vector's largest entry positive."""
+    """Eigen-pairs of a symmetric matrix, largest first, each vector's largest entry positive.
+
+    "Largest" is the first entry (lowest index) within a relative 1e-6 of the largest |u|:
+    a mirror-antisymmetric mode has two entries of equal size and opposite sign, and which of
+    them rounding makes larger changes with the number of threads LAPACK uses, so a plain
+    argmax would flip such modes between machines.
+    """
     lam, u = torch.linalg.eigh(k.double())  # ascending
     lam, u = lam.flip(0), u.flip(1)
-    sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))  # (1, M)
+    size = u.abs()  # (N, M)
+    near_max = size >= size.max(dim=0, keepdim=True).values * (1 - 1e-6)  # (N, M)
+    first = near_max.double().argmax(dim=0, keepdim=True)  # first True per column, (1, M)
+    sign = torch.sign(u.gather(0, first))  # (1, M)
     return lam.clamp(min=0.0), u * sign
 
 

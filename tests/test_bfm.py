@@ -609,3 +609,17 @@ def test_save_obj_rejects_bad_shapes(small, tmp_path):
         bfm.save_obj(path, small.mean_shape, small.triangles[:, :2])
     with pytest.raises(ValueError, match="colors"):
         bfm.save_obj(path, small.mean_shape, small.triangles, small.mean_albedo[:-1])
+
+
+@pytest.mark.parametrize("eps", [1e-12, -1e-12])
+def test_eigen_signs_do_not_depend_on_rounding(eps):
+    """A mirror-antisymmetric mode has two entries of equal size and opposite sign; rounding
+    (e.g. LAPACK's thread count) decides which is larger, and must not decide the sign."""
+    v = torch.tensor([0.6, 0.2, -0.2, -0.6], dtype=torch.float64)
+    v = v / v.norm()
+    w = torch.full((4,), 0.5, dtype=torch.float64)
+    k = 3 * torch.outer(v, v) + torch.outer(w, w)
+    k[0, 0] += eps  # tip the tie one way or the other
+    k[3, 3] -= eps
+    _, u = bfm._eig_desc(k)
+    assert u[0, 0] > 0 and u[3, 0] < 0  # the first of the tied entries is the positive one
