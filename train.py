@@ -787,6 +787,9 @@ def start_stage(stage: str, run_dir: str, cfg: Config, autoencoder, segmenter, *
         truncate_log(run_dir, stage, state["step"])
         return optimizers, state
     if os.path.exists(path):
+        if load_checkpoint(path)["done"]:
+            raise RunError(f"stage {stage} of {run_dir} is already finished ({path}); "
+                           f"choose another --run-dir to train it again")
         raise RunError(f"{path} exists: pass --resume to continue it, or choose another --run-dir")
     if stage == "em":
         previous = load_checkpoint(checkpoint_path(run_dir, "init"))

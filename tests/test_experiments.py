@@ -49,3 +49,10 @@ def test_init_from_refuses_a_differently_trained_init(tmp_path):
     train.run("all", str(tmp_path / "ablation"), cfg, init_from=source)
     log = (tmp_path / "ablation" / "log.csv").read_text()
     assert "\ninit," not in log and "\nem," in log and "\nprior," in log
+
+
+def test_rerunning_a_finished_stage_says_so(tmp_path):
+    run_dir = str(tmp_path / "run")
+    train.run("init", run_dir, train.make_config("tiny"))
+    with pytest.raises(train.RunError, match="already finished"):
+        train.run("init", run_dir, None)

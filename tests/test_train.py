@@ -277,7 +277,7 @@ def test_stages_write_a_complete_run_dir(tmp_path, face_model):
     cfg_loaded, autoencoder, segmenter = train.load_models(run_dir, stage="em")
     assert cfg_loaded == cfg and segmenter is not None and not autoencoder.training
     # a finished stage is not silently redone; a different config is refused
-    with pytest.raises(train.RunError, match="--resume"):
+    with pytest.raises(train.RunError, match="already finished"):
         train.run("em", run_dir, cfg)
     with pytest.raises(train.RunError, match="another config.*eta_area"):
         train.run("em", run_dir, dataclasses.replace(cfg, eta_area=1.0))
