@@ -356,6 +356,31 @@ def predict(method: Method, images: torch.Tensor, autoencoder, segmenter, cfg,
     return {"image": out.image, "region": out.region, "mask": mask, "neutral": neutral}
 
 
+def metric_rows(pred: dict, faces: dict, *, prior: Optional[torch.Tensor] = None) -> dict:
+    """Per-image metrics of one batch of reconstructions against the ground truth.
+
+    Args:
+        pred: "image" (B, 3, H, W), "region" (B, 1, H, W), "neutral" (B, V, 3) and "mask"
+            (B, 1, H, W) or None, as `predict` returns them.
+        faces: the batch's "image", "visible_face" and "neutral", as `test_sets` holds them.
+        prior: E_MP (V, 3), adds the "-MP" shape errors.
+    Returns:
+        {"rmse": (B,), "shape": (B,) mean vertex error, "shape_vertices": (B, V) float32,
+        ["shape_mp", "shape_mp_vertices"], [ACC, PPV, TPR, F1 (B,) with a mask]}.
+    """
+    rows = {"rmse": image_rmse(pred["image"], faces["image"], faces["visible_face"],
+                               pred["region"])}
+    errors = shape_errors(pred["neutral"], faces["neutral"])  # (B, V)
+    rows.update(shape=errors.mean(dim=1), shape_vertices=errors.float())
+    if prior is not None:
+        corrected = train.apply_misfit_prior(pred["neutral"], prior)
+        errors_mp = shape_errors(corrected, faces["neutral"])
+        rows.update(shape_mp=errors_mp.mean(dim=1), shape_mp_vertices=errors_mp.float())
+    if pred["mask"] is not None:
+        rows.update(segmentation_scores(pred["mask"], faces["visible_face"], pred["region"]))
+    return rows
+
+
 def evaluate_method(method: Method, sets: Dict[str, dict], *, prior: Optional[torch.Tensor],
                     skin_model: Optional[SkinColourModel], device: str = "cpu",
                     batch_size: int = 32, models=None) -> dict:
@@ -380,17 +405,7 @@ def evaluate_method(method: Method, sets: Dict[str, dict], *, prior: Optional[to
             pred = predict(method, part["image"], autoencoder, segmenter, cfg, skin_model, xi)
             seconds += time.perf_counter() - tic
             images_seen += part["image"].shape[0]
-            rows = {"rmse": image_rmse(pred["image"], part["image"], part["visible_face"],
-                                       pred["region"])}
-            errors = shape_errors(pred["neutral"], part["neutral"])  # (B, V)
-            rows.update(shape=errors.mean(dim=1), shape_vertices=errors.float())
-            if prior is not None:
-                corrected = train.apply_misfit_prior(pred["neutral"], prior)
-                errors_mp = shape_errors(corrected, part["neutral"])
-                rows.update(shape_mp=errors_mp.mean(dim=1), shape_mp_vertices=errors_mp.float())
-            if pred["mask"] is not None:
-                rows.update(segmentation_scores(pred["mask"], part["visible_face"],
-                                                pred["region"]))
+            rows = metric_rows(pred, part, prior=prior)
             for name, value in rows.items():
                 per.setdefault(name, []).append(value.cpu())
         results[subset] = {name: torch.cat(values).numpy() for name, values in per.items()}
@@ -833,12 +848,9 @@ def compare_fitting(run_dir: str, *, count: int = 8, subsets=SUBSETS, steps: int
             t = bfm.split_theta(result.theta)
             with torch.no_grad():
                 neutral = model.vertices(t.id, torch.zeros_like(t.exp))
-            region = result.rendered.region
-            errors = shape_errors(neutral, faces["neutral"].to(device))
-            rows = {"rmse": image_rmse(result.rendered.image, images,
-                                       faces["visible_face"].to(device), region),
-                    "shape": errors.mean(dim=1), "shape_vertices": errors.float(),
-                    **segmentation_scores(result.mask, faces["visible_face"].to(device), region)}
+            pred = {"image": result.rendered.image, "region": result.rendered.region,
+                    "neutral": neutral, "mask": result.mask}
+            rows = metric_rows(pred, {k: v.to(device) for k, v in faces.items()})
             results[subset] = {k: v.detach().cpu().numpy() for k, v in rows.items()}
         results["seconds_per_image"] = seconds / (count * len(sets))
         raw[label] = results
