@@ -571,19 +571,16 @@ def _tinted(images: torch.Tensor, mask: torch.Tensor, region: torch.Tensor) -> t
 
 
 def figure_qualitative(path: str, methods: List[Method], sets: Dict[str, dict], *,
-                       skin_model, per_subset: int = 2, device: str = "cpu") -> None:
+                       skin_model, models, per_subset: int = 2, device: str = "cpu") -> None:
     """Fig. 5 / 7: one row per face (two per subset), columns: target, then per method its
-    reconstruction over the target and, for methods with a mask, the outliers in red."""
+    reconstruction over the target and, for methods with a mask, the outliers in red.
+    `models(method)` gives the method's (cfg, R, S)."""
     from matplotlib.figure import Figure
     subsets = [s for s in SUBSETS if s in sets]
     images = torch.cat([sets[s]["image"][:per_subset] for s in subsets])  # (N, 3, H, W)
     columns = [("target", images)]
-    loaded = {}
     for method in methods:
-        key = (method.run_dir, method.stage)
-        if key not in loaded:
-            loaded[key] = train.load_models(method.run_dir, stage=method.stage, device=device)
-        cfg, autoencoder, segmenter = loaded[key]
+        cfg, autoencoder, segmenter = models(method)
         pred = {k: v.cpu() if v is not None else None for k, v in predict(
             method, images.to(device), autoencoder, segmenter, cfg, skin_model).items()}
         if method.mask in (None, "segmenter") and method.label != "Pretrained":
@@ -682,11 +679,19 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
     sets = test_sets(face_model, reference.image_size, count, subsets=subsets)
     skin_model = (fit_skin_model(face_model, reference.image_size)
                   if any(m.mask == "skin" for m in methods) else None)
+    loaded = {}  # (run dir, stage) -> (cfg, R, S): several rows share a checkpoint
+
+    def models(method: Method):
+        key = (method.run_dir, method.stage)
+        if key not in loaded:
+            loaded[key] = train.load_models(method.run_dir, stage=method.stage, device=device)
+        return loaded[key]
+
     rows, tests, raw = {}, {}, {}
     for method in methods:
         print(f"  {method.label:<14} {method.run_dir} ({method.stage})", flush=True)
         raw[method.label] = evaluate_method(method, sets, prior=prior, skin_model=skin_model,
-                                            device=device)
+                                            device=device, models=models(method))
         rows[method.label] = summarize(raw[method.label])
         if prior is not None and method.mask in (None, "segmenter") and method.label != \
                 "Pretrained":
@@ -708,7 +713,7 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
         shown = [m for m in methods if m.label in ("MoFA", "Supervised", "Skin detector",
                                                    "Pretrained", "FOCUS")]
         figure_qualitative(os.path.join(out, "qualitative.png"), shown, sets,
-                           skin_model=skin_model, device=device)
+                           skin_model=skin_model, models=models, device=device)
         if prior is not None:
             figure_misfit_prior(os.path.join(out, "misfit_prior.png"), prior, face_model)
         for r in run_dirs:
