@@ -55,7 +55,9 @@ Deviations from the paper:
   and resample once with bilinear interpolation (antialiased when shrinking) instead of
   PIL's bicubic resize followed by an integer crop.
 - Synthetic landmarks are the projected landmark vertices plus Gaussian noise, also where
-  they are self-occluded (a real detector would slide jaw points to the silhouette).
+  they are self-occluded (a real detector would slide jaw points to the silhouette). Under an
+  occluder they drift (`Ranges.landmark_drift`, `landmark_pull`, `drift_landmarks`), since
+  a real detector guesses there; both 0 give exact landmarks under occlusion.
 
 Run `python data.py show` (writes out/data_contact_sheet.png), `python data.py prepare
 PHOTOS OUT`; `python -m pytest -q tests/test_data.py` tests this module and
@@ -116,7 +118,11 @@ class Ranges:
     """The synthetic distribution; every field is a keyword option of `SyntheticFaces`.
 
     Pose angles are uniform in [-max, max] degrees; translations uniform in [-max, max] mm;
-    shape and albedo coefficients N(0, std^2) in the model's std units. Light: irradiance
+    shape and albedo coefficients N(0, std^2) in the model's std units. Landmarks are the
+    projected landmark vertices plus `landmark_noise`; those that fall on an occluder drift as
+    a real detector's do (`drift_landmarks`): `landmark_pull` of the way towards the
+    occluder's centre plus `landmark_drift` px of extra noise (both 0: exact under occlusion).
+    Light: irradiance
     = ambient + directional * cos(normal, light) (first-order SH; where it goes negative the
     image clips to black); harsh light is one-sided: low ambient (0.25-0.55), strong light
     (0.9-1.5) from 50-90 degrees to one side.
@@ -135,6 +141,8 @@ class Ranges:
     occluded: float = 0.8  # "train": probability of at least one occluder
     unexplainable: float = 0.5  # probability of unexplainable face parts
     landmark_noise: float = 1.0  # px std of the landmark noise at 224 (scaled with the size)
+    landmark_drift: float = 8.0  # px std at 224 of the extra noise of occluded landmarks
+    landmark_pull: float = 0.3  # share of the way an occluded landmark moves to the occluder
     image_noise: float = 0.01  # std of the additive pixel noise
 
     def __post_init__(self):
@@ -992,7 +1000,7 @@ class SyntheticFaces(torch.utils.data.Dataset):
         _, background_rng, parts_rng, occluder_rng, noise_rng = streams
         H, W = self.height, self.width
         region = rendered.region[b]  # (1, H, W)
-        face_image = rendered.image[b].clamp(0, 1)  # (3, H, W)
+        face_image = rendered.image[b]  # (3, H, W), saturated by the renderer
         face = _face_frame(rendered.landmarks[b], face_image, region)
         parts = []
         if parts_rng.random() < self.ranges.unexplainable:
@@ -1018,6 +1026,8 @@ class SyntheticFaces(torch.utils.data.Dataset):
             colour = (colour + colour_noise).clamp(0.01, 0.99)
             image = torch.where(mask, colour, image)
             occlusion |= mask
+        landmarks = drift_landmarks(landmarks, occlusion, g, pull=self.ranges.landmark_pull,
+                                    noise=self.ranges.landmark_drift * min(H, W) / 224.0)
         occlusion = occlusion[None].float()  # (1, H, W)
         sample = {"image": image, "landmarks": landmarks, "occlusion": occlusion,
                   "visible_face": region * (1 - occlusion), "region": region,
@@ -1025,6 +1035,34 @@ class SyntheticFaces(torch.utils.data.Dataset):
         if self.with_clean:
             sample["clean"] = clean
         return sample
+
+
+def drift_landmarks(landmarks: torch.Tensor, occlusion: torch.Tensor, g: torch.Generator, *,
+                    pull: float, noise: float) -> torch.Tensor:
+    """Landmarks as a detector finds them under an occluder: the points that fall on occluded
+    pixels move `pull` of the way towards the centre of the occluded pixels and get Gaussian
+    noise of std `noise` px; visible points stay. The noise is always drawn (same stream
+    position whatever the occlusion).
+
+    Args:
+        landmarks: (68, 2) pixels, x right, y down.
+        occlusion: (H, W) bool, the occluded pixels.
+        g: CPU generator of the sample.
+    Returns:
+        (68, 2) landmarks.
+    """
+    H, W = occlusion.shape
+    jitter = torch.randn(landmarks.shape, generator=g).to(landmarks.device)  # (68, 2)
+    x = landmarks[:, 0].round().long().clamp(0, W - 1)
+    y = landmarks[:, 1].round().long().clamp(0, H - 1)
+    hidden = occlusion[y, x][:, None]  # (68, 1)
+    if not bool(hidden.any()):
+        return landmarks
+    ys, xs = occlusion.nonzero(as_tuple=True)
+    centre = torch.stack([xs.float().mean(), ys.float().mean()]).to(landmarks)  # (2,)
+    # lm + pull (c - lm) + noise, on occluded points only
+    moved = landmarks + pull * (centre - landmarks) + noise * jitter  # (68, 2)
+    return torch.where(hidden, moved, landmarks)
 
 
 @contextlib.contextmanager

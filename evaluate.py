@@ -303,7 +303,7 @@ def find_prior(run_dirs: List[str]) -> Optional[str]:
 def test_sets(face_model, size: int, count: int, *, seed: int = EVAL_SEED,
               subsets=SUBSETS) -> Dict[str, dict]:
     """Held-out synthetic faces per subset: the tensors evaluation needs, on the CPU."""
-    keep = ("image", "landmarks", "neutral", "visible_face", "region", "occlusion")
+    keep = ("image", "landmarks", "theta", "neutral", "visible_face", "region", "occlusion")
     sets = {}
     for subset in subsets:
         faces = data.SyntheticFaces(face_model=face_model, size=size, length=count, seed=seed,
@@ -728,6 +728,141 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
 
 
 # ----------------------------------------------------------------------------------------------
+# where R's image error comes from
+# ----------------------------------------------------------------------------------------------
+
+# theta groups as the diagnosis names them, with their `bfm.Theta` fields
+GROUPS = {"pose": "pose", "light": "sh", "albedo": "albedo", "identity": "id",
+          "expression": "exp"}
+
+
+def swap_groups(predicted: bfm.Theta, true: bfm.Theta, groups) -> bfm.Theta:
+    """`predicted` with the named `GROUPS` replaced by their ground truth."""
+    return predicted._replace(**{GROUPS[g]: getattr(true, GROUPS[g]) for g in groups})
+
+
+def theta_errors(predicted: bfm.Theta, true: bfm.Theta) -> Dict[str, torch.Tensor]:
+    """Per-image error of each theta group, (B,) each: identity, expression and albedo as the
+    RMS coefficient difference (std units; "*_size" the RMS of the truth, the error of
+    predicting 0), light as the RMS difference of the 27 SH coefficients, the Euler angles as
+    the mean absolute difference in degrees, the translations x, y and depth z in mm."""
+    rms = lambda x: x.pow(2).mean(dim=1).sqrt()  # (B, n) -> (B,)
+    out = {}
+    for name in ("identity", "expression", "albedo"):
+        field = GROUPS[name]
+        out[name] = rms(getattr(predicted, field) - getattr(true, field))
+        out[name + "_size"] = rms(getattr(true, field))
+    out["light"] = rms(predicted.sh - true.sh)
+    out["light_size"] = rms(true.sh)
+    difference = predicted.pose - true.pose  # (B, 6)
+    out["angles_deg"] = torch.rad2deg(difference[:, :3]).abs().mean(dim=1)
+    out["shift_mm"] = difference[:, 3:5].abs().mean(dim=1)
+    out["depth_mm"] = difference[:, 5].abs()
+    return out
+
+
+def diagnose(autoencoder, faces: dict, *, batch_size: int = 32) -> dict:
+    """Where R's image error on `faces` comes from, measured by swapping in the ground truth.
+
+    Rows of image RMSE (0-255, inside the visible face and the rendered region of that
+    render): "predicted" (R as trained), "true" (the ground-truth theta: the floor set by the
+    data's noise and unexplainable parts), "<group> true" (one group replaced by the truth)
+    and "only <group> predicted" (every other group true). Also the theta errors of
+    `theta_errors`, the landmark error (px, against the noise-free projection of the true
+    theta) and the neutral shape error (mm) of R and of the mean face (identity 0), the floor
+    any encoder must beat.
+
+    Args:
+        autoencoder: R (`focus.FaceAutoencoder`), evaluated in eval mode without gradients.
+        faces: "image" (N, 3, H, W), "theta" (N, 257), "visible_face" (N, 1, H, W) and
+            "neutral" (N, V, 3), as `test_sets` holds them.
+    Returns:
+        {"rmse": {row: (N,)}, "errors": {name: (N,)}, "landmarks_px": (N,),
+        "shape": {"R": (N,), "Mean face": (N,)}} as numpy arrays.
+    """
+    rows = {"predicted": [], "true": []}
+    rows.update({f"{g} true": [] for g in GROUPS})
+    rows.update({f"only {g} predicted": [] for g in GROUPS})
+    errors, landmark_px, shape, mean_face = {}, [], [], []
+    model = autoencoder.face_model
+    device = model.mean_shape.device
+    with torch.no_grad(), focus._eval_mode(autoencoder):
+        for first in range(0, faces["image"].shape[0], batch_size):
+            part = {k: faces[k][first:first + batch_size].to(device)
+                    for k in ("image", "theta", "visible_face", "neutral")}
+            images = part["image"]
+            H, W = images.shape[-2:]
+            predicted = autoencoder.encoder(images)
+            true = bfm.split_theta(part["theta"])
+            variants = {"predicted": predicted, "true": true}
+            variants.update({f"{g} true": swap_groups(predicted, true, [g]) for g in GROUPS})
+            variants.update({f"only {g} predicted": swap_groups(
+                predicted, true, [o for o in GROUPS if o != g]) for g in GROUPS})
+            outputs = {}
+            for row, theta in variants.items():
+                outputs[row] = autoencoder.decode(theta, height=H, width=W)
+                rows[row].append(image_rmse(outputs[row].image, images, part["visible_face"],
+                                            outputs[row].region).cpu())
+            for name, value in theta_errors(predicted, true).items():
+                errors.setdefault(name, []).append(value.cpu())
+            landmark_px.append((outputs["predicted"].landmarks - outputs["true"].landmarks)
+                               .norm(dim=-1).mean(dim=1).cpu())
+            neutral = model.vertices(predicted.id, torch.zeros_like(predicted.exp))
+            shape.append(shape_errors(neutral, part["neutral"]).mean(dim=1).cpu())
+            zero = torch.zeros_like(predicted.id)
+            mean = model.vertices(zero, torch.zeros_like(predicted.exp))
+            mean_face.append(shape_errors(mean, part["neutral"]).mean(dim=1).cpu())
+    cat = lambda values: torch.cat(values).numpy()
+    return {"rmse": {row: cat(v) for row, v in rows.items()},
+            "errors": {name: cat(v) for name, v in errors.items()},
+            "landmarks_px": cat(landmark_px),
+            "shape": {"R": cat(shape), "Mean face": cat(mean_face)}}
+
+
+def diagnosis_markdown(result: dict, title: str) -> str:
+    """`diagnose`'s result as markdown tables (means over the faces)."""
+    m = lambda x: float(np.nanmean(x))
+    lines = [f"### {title}", "", "| render | RMSE (0-255) |", "|---|---:|"]
+    lines += [f"| {row} | {m(v):.1f} |" for row, v in result["rmse"].items()]
+    e = result["errors"]
+    lines += ["", "| theta group | error | predicting 0 |", "|---|---:|---:|"]
+    for name in ("identity", "expression", "albedo", "light"):
+        lines.append(f"| {name} (RMS) | {m(e[name]):.3f} | {m(e[name + '_size']):.3f} |")
+    lines += [f"| angles (deg) | {m(e['angles_deg']):.2f} | |",
+              f"| shift x, y (mm) | {m(e['shift_mm']):.2f} | |",
+              f"| depth (mm) | {m(e['depth_mm']):.2f} | |",
+              f"| landmarks (px) | {m(result['landmarks_px']):.2f} | |",
+              "", "| neutral shape | mean error (mm) |", "|---|---:|"]
+    lines += [f"| {row} | {m(v):.3f} |" for row, v in result["shape"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def diagnose_run(run_dir: str, *, stage: str = "em", count: int = 64, out: str = "results",
+                 subsets=("unoccluded", "random"), device: str = "cpu") -> str:
+    """`diagnose` R of a run's finished `stage` on held-out faces of `subsets`; writes
+    diagnosis.md and diagnosis.json to `out` and returns the markdown."""
+    cfg, autoencoder, _ = train.load_models(run_dir, stage=stage, device=device)
+    face_model = autoencoder.face_model
+    sets = test_sets(face_model, cfg.image_size, count, subsets=subsets)
+    parts, numbers = [f"## Diagnosis of R: {run_dir} ({stage}), {count} faces per subset", ""], {}
+    for subset, faces in sets.items():
+        result = diagnose(autoencoder, faces)
+        parts.append(diagnosis_markdown(result, subset))
+        numbers[subset] = {"rmse": {k: float(np.nanmean(v)) for k, v in result["rmse"].items()},
+                           "errors": {k: float(np.nanmean(v)) for k, v in result["errors"].items()},
+                           "landmarks_px": float(np.nanmean(result["landmarks_px"])),
+                           "shape": {k: float(np.nanmean(v)) for k, v in result["shape"].items()}}
+    markdown = "\n".join(parts)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "diagnosis.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(out, "diagnosis.json"), "w") as f:
+        json.dump({"run": run_dir, "stage": stage, "count": count, "subsets": numbers}, f,
+                  indent=1)
+    return markdown
+
+
+# ----------------------------------------------------------------------------------------------
 # one eta at a time (Supp. Fig. 4)
 # ----------------------------------------------------------------------------------------------
 
@@ -948,6 +1083,29 @@ def main(argv: Optional[list] = None) -> None:
                   subsets=tuple(args.subsets))
         except train.RunError as error:
             sys.exit(f"error: {error}")
+        return
+    if argv[:1] == ["diagnose"]:
+        parser = argparse.ArgumentParser(
+            prog="evaluate.py diagnose", description="Where R's image error comes from: RMSE "
+            "with each theta group replaced by the ground truth, the error of each group, the "
+            "landmark error and the mean-face shape floor, on held-out synthetic faces.")
+        parser.add_argument("--run", required=True, help="run dir")
+        parser.add_argument("--stage", default="em", choices=train.STAGES,
+                            help="the checkpoint to diagnose (default em)")
+        parser.add_argument("--count", type=int, default=64, help="faces per subset (default 64)")
+        parser.add_argument("--subsets", nargs="+", default=["unoccluded", "random"],
+                            choices=SUBSETS)
+        parser.add_argument("--out", default="results")
+        parser.add_argument("--device", default="cpu")
+        args = parser.parse_args(argv[1:])
+        if args.count < 1:
+            parser.error("--count must be >= 1")
+        try:
+            print(diagnose_run(args.run, stage=args.stage, count=args.count, out=args.out,
+                               subsets=tuple(args.subsets), device=args.device))
+        except train.RunError as error:
+            sys.exit(f"error: {error}")
+        print(f"wrote {args.out}/diagnosis.md and diagnosis.json")
         return
     if argv[:1] == ["fitting"]:
         parser = argparse.ArgumentParser(

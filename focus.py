@@ -106,13 +106,16 @@ class ResNet50(nn.Module):
     With the defaults (`num_classes=1000`, `width=64`) the keys and shapes equal
     `torchvision.models.resnet50()`'s. `width` scales every channel count: stem `width`,
     stages `width * (1, 2, 4, 8)` bottleneck planes, `32 * width` pooled features.
+    `stem_pool=False` drops the stem's max-pooling (no parameters change), so every later map
+    is twice as large: a 64 x 64 input then leaves 4 x 4 at layer4 instead of 2 x 2.
     """
 
-    def __init__(self, *, num_classes: int = 1000, width: int = 64):
+    def __init__(self, *, num_classes: int = 1000, width: int = 64, stem_pool: bool = True):
         super().__init__()
         if width < 1 or num_classes < 1:
             raise ValueError(f"width and num_classes must be >= 1, got {width}, {num_classes}")
         self.width = width
+        self.stem_pool = stem_pool
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         in_channels = width
@@ -139,8 +142,9 @@ class ResNet50(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) standardised images -> (B, 32 * width) globally pooled features."""
         x = F.relu(self.bn1(self.conv1(x)))  # (B, w, H/2, W/2)
-        x = F.max_pool2d(x, 3, stride=2, padding=1)  # (B, w, H/4, W/4)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32w, H/32, W/32)
+        if self.stem_pool:
+            x = F.max_pool2d(x, 3, stride=2, padding=1)  # (B, w, H/4, W/4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32w, H/32, W/32) or H/16
         return x.mean(dim=(2, 3))  # (B, 32w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,9 +219,9 @@ class Encoder(nn.Module):
 
     def __init__(self, *, width: int = 64, rotation_scale: float = 0.3,
                  translation_scale: float = 1.0, depth_scale: float = 0.005,
-                 albedo_scale: float = 3.0):
+                 albedo_scale: float = 3.0, stem_pool: bool = True):
         super().__init__()
-        self.resnet = ResNet50(num_classes=THETA_DIM, width=width)
+        self.resnet = ResNet50(num_classes=THETA_DIM, width=width, stem_pool=stem_pool)
         nn.init.zeros_(self.resnet.fc.weight)
         nn.init.zeros_(self.resnet.fc.bias)
         scale = output_scale(rotation=rotation_scale, translation=translation_scale,

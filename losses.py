@@ -12,11 +12,12 @@ Paper map (Li et al., CVPR 2023; "Supp." is its supplement):
     perceptual_loss     L_per     Eq. 6                          R
     landmark_loss       L_lm      Eq. 7                          R
     regularization      L_reg     Sec. 3.2, before Eq. 8         R
+    light_colour_loss   L_mono    not in the paper (Deep3D)      R
     preliminary_mask    M_pre     Eq. 9-10 (Sec. 3.3)            initialisation
     segmenter_loss      L_S = eta_1 L_nbr + eta_2 L_dist + eta_3 L_area + eta_4 L_presv
                               + eta_5 L_bin                            (Sec. 3.2)
     autoencoder_loss    L_R = lambda_1 L_pixel + lambda_2 L_per + lambda_3 L_lm
-                              + lambda_4 L_reg                         (Eq. 8)
+                              + lambda_4 L_reg [+ lambda_mono L_mono]  (Eq. 8)
 
 Conventions: images `(B, C, H, W)` in [0, 1] (C = 3 for RGB); masks `(B, 1, H, W)`. `mask` is
 the segmenter's face mask M in [0, 1] (1 = face, 0 = outlier); `region` is the rendered-face
@@ -83,7 +84,7 @@ Features = Callable[[Tensor], Tensor]
 
 # term order of the returned dicts (the paper's order)
 SEGMENTER_TERMS = ("L_nbr", "L_dist", "L_area", "L_presv", "L_bin")
-AUTOENCODER_TERMS = ("L_pixel", "L_per", "L_lm", "L_reg")
+AUTOENCODER_TERMS = ("L_pixel", "L_per", "L_lm", "L_reg", "L_mono")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +441,33 @@ def regularization(*coefficients: Tensor) -> Tensor:
     return theta.pow(2).mean(dim=1).mean()
 
 
+def light_colour_loss(sh: Tensor) -> Tensor:
+    """Monochromatic-light prior L_mono (not in the paper; Deep3D's "gamma loss", unweighted).
+
+        L_mono = mean_{c, k} (phi_ck - mean_c' phi_c'k)^2
+
+    The per-channel SH light can tint the whole face with any colour, and so explain a scarf
+    or a coloured occluder that the face model should leave to the mask. This term pulls the
+    three channels of each of the 9 coefficients together: zero exactly for white (grey) light,
+    whatever its direction and brightness, and it leaves skin colour to the albedo model.
+    Reduction: mean over the 3 x 9 coefficients per image, mean over the batch (Deep3D's).
+
+    Args:
+        sh: (B, 27) phi, 9 coefficients per RGB channel (the ambient offset, equal in every
+            channel, does not change the value).
+    Returns:
+        Scalar.
+    """
+    _check_tensor("sh", sh, 2)
+    B, n = sh.shape
+    if n != 27:
+        raise ValueError(f"sh must be (B, 27), got {tuple(sh.shape)}")
+    phi = sh.view(B, 3, 9)  # (B, 3, 9)
+    # phi_ck - mean_c' phi_c'k
+    spread = phi - phi.mean(dim=1, keepdim=True)  # (B, 3, 9)
+    return spread.pow(2).mean(dim=(1, 2)).mean()
+
+
 # ----------------------------------------------------------------------------------------------
 # preliminary mask for the unsupervised initialisation (Sec. 3.3)
 # ----------------------------------------------------------------------------------------------
@@ -545,6 +573,8 @@ def autoencoder_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Ten
                      lambda_per: float = 0.25,  # lambda_2, Eq. 8
                      lambda_lm: float = 5e-4,  # lambda_3, Eq. 8
                      lambda_reg: float = 0.1,  # lambda_4, Eq. 8
+                     sh: Optional[Tensor] = None,
+                     lambda_mono: float = 0.0,  # not in the paper (Deep3D: 10)
                      ) -> tuple[Tensor, dict[str, Tensor]]:
     """Autoencoder loss L_R = lambda_1 L_pixel + lambda_2 L_per + lambda_3 L_lm + lambda_4 L_reg.
 
@@ -562,12 +592,13 @@ def autoencoder_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Ten
         lm_target, lm_pred: (B, K, 2) pixel coordinates.
         lm_weights: (K,) or (B, K), e.g. `landmark_weights()`.
         coefficients: the 3DMM coefficients to regularise, each (B, n_i).
+        sh: (B, 27) light phi for `light_colour_loss`, or None to leave out L_mono.
         features: F, or None to leave out L_per.
         pixel_form: `pixel_loss`'s form.
         per_location: passed to L_per.
     Returns:
         (L_R scalar, dict of unweighted scalar terms in `AUTOENCODER_TERMS` order; "L_per" only
-        when features are given).
+        when features are given, "L_mono" only when sh is given).
     """
     B, C, H, W = _check_images(target, rendered)
     _check_mask("mask", mask, B, H, W)
@@ -579,6 +610,9 @@ def autoencoder_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Ten
         "L_reg": regularization(*coefficients),
     }
     weights = {"L_pixel": lambda_pixel, "L_lm": lambda_lm, "L_reg": lambda_reg}
+    if sh is not None:
+        terms["L_mono"] = light_colour_loss(sh)
+        weights["L_mono"] = lambda_mono
     if features is not None:
         with torch.no_grad():
             feat_target = features(target)

@@ -444,8 +444,13 @@ def interpolate(attributes: torch.Tensor, fragments: Fragments, *, height: int,
 
 def render(vertices: torch.Tensor, albedo: torch.Tensor, sh: torch.Tensor, pose: torch.Tensor,
            triangles: torch.Tensor, landmark_ids: torch.Tensor, *, height: int, width: int,
-           adjacency: Optional[Adjacency] = None) -> Rendered:
+           adjacency: Optional[Adjacency] = None, saturate: bool = True) -> Rendered:
     """Render shaded faces: I_R = R(theta) of the paper, with region and landmarks.
+
+    Like a camera, the image saturates: shaded colours above 1 (or below 0) are clipped to
+    [0, 1], exactly as the synthetic data (`data.py`) and any photo are, so a face rendered
+    from its own theta reproduces its image. Clipped pixels pass no gradient (the official
+    code and Deep3D do not clip; `saturate=False` leaves the shaded colours as they are).
 
     Args:
         vertices: (B, V, 3) model space, mm.
@@ -456,6 +461,7 @@ def render(vertices: torch.Tensor, albedo: torch.Tensor, sh: torch.Tensor, pose:
         landmark_ids: (K,) long vertex ids (K = 68 for the face models).
         adjacency: `vertex_adjacency(triangles, V)`; pass it when rendering the same mesh
             repeatedly (it is computed here otherwise).
+        saturate: clip the image to [0, 1] (a camera's response).
     Returns:
         Rendered(image (B, 3, H, W), region (B, 1, H, W), face_id (B, H, W),
         landmarks (B, K, 2)).
@@ -470,6 +476,8 @@ def render(vertices: torch.Tensor, albedo: torch.Tensor, sh: torch.Tensor, pose:
     face_id = rasterize(verts_pix.detach(), triangles, height, width)  # (B, H, W)
     fragments = barycentrics(verts_pix, triangles, face_id)
     image = interpolate(colors, fragments, height=height, width=width)  # (B, 3, H, W)
+    if saturate:
+        image = image.clamp(0.0, 1.0)  # (B, 3, H, W)
     region = (face_id >= 0).unsqueeze(1).to(vertices.dtype)  # (B, 1, H, W)
     landmarks = verts_pix[:, landmark_ids, :2]  # (B, K, 2)
     return Rendered(image, region, face_id, landmarks)

@@ -95,7 +95,8 @@ SEGMENTER_LOSSES = ("full", "baseline", "neighbor", "perceptual")
 # seed offsets of the data sets (training set = cfg.seed)
 PRIOR_TRAIN_SEED, PRIOR_EVAL_SEED, PREVIEW_SEED = 1_000, 2_000, 3_000
 STAGE_SALT = {"init": 11, "em": 23, "prior": 37}  # separates the RNG streams of the stages
-LOG_FIELDS = ("stage", "step", "phase", "loss", "L_pixel", "L_per", "L_lm", "L_reg", "L_nbr",
+LOG_FIELDS = ("stage", "step", "phase", "loss", "L_pixel", "L_per", "L_lm", "L_reg", "L_mono",
+              "L_nbr",
               "L_dist", "L_area", "L_presv", "L_bin", "L_bce", "kept", "lr", "s_per_step")
 
 
@@ -115,10 +116,13 @@ class Config:
     face_model: str = "toy"  # bfm.load_face_model spec; paper: BFM 2017 (Sec. 4.1)
     image_size: int = 64  # H = W; paper 224 (Sec. 4.1)
     train_length: int = 20_000  # synthetic training faces (distinct indices)
+    train_occluded: float = 0.8  # share of synthetic training faces with an occluder
     batch_size: int = 16  # paper 12 (Supp. A.2)
     # networks
     encoder_width: int = 16  # ResNet-50 width multiplier base; paper 64 (Sec. 4.1)
     unet_width: int = 16  # UNet width; paper 64 (Supp. A.2: 34.5M parameters)
+    stem_pool: bool = True  # ResNet stem max-pooling (ImageNet stem); False for small images
+    depth_scale: float = 0.005  # encoder output scale of tz (official code 0.005)
     perceptual: str = "none"  # F (Sec. 3.2): "dlib", "arcface:PATH", "none"; paper ArcFace
     # optimisation (Supp. A.2)
     optimizer: str = "adam"  # paper "adadelta"
@@ -152,6 +156,7 @@ class Config:
     lambda_lm: float = 5e-4  # lambda_3
     lambda_reg: float = 0.1  # lambda_4
     pixel_form: str = "paper"  # L_pixel: "paper" (squared) or "official" (not squared)
+    lambda_mono: float = 0.0  # L_mono, white-light prior; not in the paper (Deep3D 10)
     # variants (Sec. 4, 4.4)
     variant: str = "focus"  # focus | mofa | supervised | cutout | cutmix
     segmenter_losses: str = "full"  # full | baseline | neighbor | perceptual
@@ -229,6 +234,11 @@ def validate(cfg: Config) -> None:
                          f"log_every ({cfg.log_every})")
     if cfg.lr <= 0 or cfg.seg_lr_factor <= 0 or not 0 < cfg.lr_decay <= 1:
         raise ValueError("lr and seg_lr_factor must be > 0 and lr_decay in (0, 1]")
+    if not 0 <= cfg.train_occluded <= 1:
+        raise ValueError(f"train_occluded is a share in [0, 1], got {cfg.train_occluded}")
+    if cfg.depth_scale <= 0 or cfg.lambda_mono < 0:
+        raise ValueError(f"depth_scale must be > 0 and lambda_mono >= 0, got "
+                         f"{cfg.depth_scale} and {cfg.lambda_mono}")
     if cfg.segmenter_losses == "perceptual" and cfg.perceptual == "none":
         raise ValueError("segmenter_losses='perceptual' needs a perceptual network F "
                          "(--perceptual dlib or arcface:PATH)")
@@ -366,7 +376,9 @@ def ground_truth_mask(batch: dict, cfg: Config) -> torch.Tensor:
 def build_models(cfg: Config, face_model: bfm.MorphableModel):
     """R (encoder + face model + renderer) and S (None without a segmenter), seeded, on device."""
     torch.manual_seed(cfg.seed)
-    autoencoder = focus.FaceAutoencoder(focus.Encoder(width=cfg.encoder_width), face_model)
+    encoder = focus.Encoder(width=cfg.encoder_width, depth_scale=cfg.depth_scale,
+                            stem_pool=cfg.stem_pool)
+    autoencoder = focus.FaceAutoencoder(encoder, face_model)
     segmenter = focus.UNet(width=cfg.unet_width) if has_segmenter(cfg) else None
     device = torch.device(cfg.device)
     return autoencoder.to(device), segmenter.to(device) if segmenter is not None else None
@@ -454,7 +466,8 @@ def autoencoder_phase_loss(stage: str, batch: dict, autoencoder, segmenter, F, c
         features=perceptual_features(F, lm_target, which="embedding"),
         pixel_form=cfg.pixel_form, per_location=cfg.per_location,
         lambda_pixel=cfg.lambda_pixel, lambda_per=cfg.lambda_per, lambda_lm=cfg.lambda_lm,
-        lambda_reg=cfg.lambda_reg)
+        lambda_reg=cfg.lambda_reg, sh=out.theta.sh if cfg.lambda_mono > 0 else None,
+        lambda_mono=cfg.lambda_mono)
     logs = {name: value.item() for name, value in terms.items()}
     logs["kept"] = kept_fraction(mask, out.region)
     return loss, logs
@@ -709,7 +722,7 @@ def save_loss_curves(run_dir: str) -> None:
     fig = Figure(figsize=(6 * len(stages), 4))
     axes = fig.subplots(1, len(stages), squeeze=False)
     for ax, stage in zip(axes[0], stages):
-        for name in LOG_FIELDS[4:15]:
+        for name in LOG_FIELDS[LOG_FIELDS.index("L_pixel"):LOG_FIELDS.index("lr")]:
             points = [(int(r["step"]), float(r[name])) for r in rows
                       if r["stage"] == stage and r[name] not in ("", None)]
             if points:
@@ -764,7 +777,8 @@ def stage_data(stage: str, cfg: Config, face_model):
     """(training set, RNG salt) of a stage: R_syn trains on plain synthetic faces (Sec. 3.4)."""
     if stage == "prior":
         return prior_faces(cfg, face_model, seed=cfg.seed + PRIOR_TRAIN_SEED), STAGE_SALT[stage]
-    return make_dataset(cfg, face_model, seed=cfg.seed), STAGE_SALT[stage]
+    return make_dataset(cfg, face_model, seed=cfg.seed, occluded=cfg.train_occluded), \
+        STAGE_SALT[stage]
 
 
 def prior_faces(cfg: Config, face_model, *, seed: int, length: Optional[int] = None):

@@ -1,5 +1,6 @@
 """Tests of data.py: synthetic ground truth (determinism, exact occlusion masks, landmarks
-against the renderer), alignment and augmentation, CSV parsing (hypothesis), every bad-input
+against the renderer, landmark drift under occluders, faces decoded from their own theta),
+alignment and augmentation, CSV parsing (hypothesis), every bad-input
 case, the contact sheet and the dlib preparation (skipped without dlib)."""
 import importlib.util
 import math
@@ -14,6 +15,8 @@ from PIL import Image
 
 import bfm
 import data
+import evaluate
+import focus
 import renderer
 
 SIZE = 96  # small images keep the synthetic tests fast
@@ -117,7 +120,9 @@ def test_train_mixes_all_families(toy):
 
 
 def test_ground_truth_agrees_with_the_renderer(toy):
-    dataset = data.SyntheticFaces(face_model=toy, size=SIZE, length=3, seed=2, landmark_noise=0.0)
+    # exact landmarks, also under occluders: no noise, no drift
+    dataset = data.SyntheticFaces(face_model=toy, size=SIZE, length=3, seed=2, landmark_noise=0.0,
+                                  landmark_drift=0.0, landmark_pull=0.0)
     stacked = dataset.batch([0, 1, 2])
     parts = bfm.split_theta(stacked["theta"])
     vertices = torch.cat([toy.vertices(parts.id[b:b + 1], parts.exp[b:b + 1]) for b in range(3)])
@@ -132,13 +137,147 @@ def test_ground_truth_agrees_with_the_renderer(toy):
 
 
 def test_landmark_noise_is_small_and_scaled(toy):
-    options = dict(face_model=toy, size=SIZE, length=8, seed=2)
+    # the landmark noise alone: occluded landmarks do not drift
+    options = dict(face_model=toy, size=SIZE, length=8, seed=2, landmark_drift=0.0, landmark_pull=0.0)
     clean = data.SyntheticFaces(landmark_noise=0.0, **options).batch(range(8))
     noisy = data.SyntheticFaces(landmark_noise=2.0, **options).batch(range(8))
     error = noisy["landmarks"] - clean["landmarks"]  # (8, 68, 2)
     # std 2 px at 224, scaled by 96 / 224
     assert error.std().item() == pytest.approx(2.0 * SIZE / 224, rel=0.15)
 
+
+# ----------------------------------------------------------------------------- landmark drift
+
+def on_occluder(landmarks, occlusion):
+    """(..., 68) bool: the landmarks whose nearest pixel is occluded (occlusion (..., H, W))."""
+    H, W = occlusion.shape[-2:]
+    x = landmarks[..., 0].round().long().clamp(0, W - 1)
+    y = landmarks[..., 1].round().long().clamp(0, H - 1)
+    if occlusion.dim() == 2:
+        return occlusion[y, x].bool()
+    return torch.stack([occlusion[b][y[b], x[b]] for b in range(len(occlusion))]).bool()
+
+
+@given(seed=st.integers(0, 2 ** 31 - 1), H=st.integers(2, 24), W=st.integers(2, 24),
+       density=st.sampled_from([0.0, 0.05, 0.5, 1.0]), pull=st.floats(0.0, 1.0),
+       noise=st.sampled_from([0.0, 0.5, 5.0]))
+def test_drift_moves_only_occluded_landmarks(seed, H, W, density, pull, noise):
+    g = torch.Generator().manual_seed(seed)
+    landmarks = torch.rand(68, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])
+    occlusion = torch.rand(H, W, generator=g) < density
+    moved = data.drift_landmarks(landmarks, occlusion, torch.Generator().manual_seed(seed + 1),
+                                 pull=pull, noise=noise)
+    hidden = on_occluder(landmarks, occlusion)
+    assert moved.shape == (68, 2) and moved.dtype == landmarks.dtype
+    assert torch.equal(moved[~hidden], landmarks[~hidden])
+    # the twin: lm + pull (c - lm) + noise * jitter, c the centroid of the occluded pixels
+    jitter = torch.randn(68, 2, generator=torch.Generator().manual_seed(seed + 1))
+    if hidden.any():
+        ys, xs = occlusion.nonzero(as_tuple=True)
+        centre = torch.stack([xs.float().mean(), ys.float().mean()])
+        expected = landmarks + pull * (centre - landmarks) + noise * jitter
+        assert torch.allclose(moved[hidden], expected[hidden], atol=1e-5)
+
+
+@given(seed=st.integers(0, 2 ** 31 - 1), density=st.sampled_from([0.0, 0.3, 1.0]))
+def test_drift_draws_the_same_numbers_whatever_the_occlusion(seed, density):
+    """The jitter is drawn even when nothing is occluded: later draws keep their place."""
+    g = torch.Generator().manual_seed(seed)
+    occlusion = torch.rand(16, 16, generator=torch.Generator().manual_seed(seed)) < density
+    data.drift_landmarks(torch.full((68, 2), 7.0), occlusion, g, pull=0.5, noise=1.0)
+    reference = torch.Generator().manual_seed(seed)
+    torch.randn(68, 2, generator=reference)
+    assert torch.equal(g.get_state(), reference.get_state())
+
+
+def test_full_pull_puts_occluded_landmarks_on_the_occluder_centroid():
+    occlusion = torch.zeros(12, 14, dtype=torch.bool)
+    occlusion[2:6, 3:9] = True  # rows 2..5, columns 3..8: centroid x 5.5, y 3.5
+    landmarks = torch.full((68, 2), 11.0)  # (11, 11): visible
+    landmarks[0] = torch.tensor([3.0, 2.0])  # the occluder's corner pixel
+    landmarks[1] = torch.tensor([2.6, 5.4])  # rounds to pixel (3, 5): occluded
+    landmarks[2] = torch.tensor([2.4, 5.4])  # rounds to pixel (2, 5): visible
+    landmarks[3] = torch.tensor([8.2, 3.7])  # rounds to pixel (8, 4): occluded
+    moved = data.drift_landmarks(landmarks, occlusion, torch.Generator().manual_seed(0),
+                                 pull=1.0, noise=0.0)
+    centre = torch.tensor([5.5, 3.5])
+    for k in (0, 1, 3):
+        assert torch.allclose(moved[k], centre), k
+    assert torch.equal(moved[2], landmarks[2]) and torch.equal(moved[4:], landmarks[4:])
+    half = data.drift_landmarks(landmarks, occlusion, torch.Generator().manual_seed(0),
+                                pull=0.5, noise=0.0)
+    assert torch.allclose(half[0], (landmarks[0] + centre) / 2)
+    # nothing occluded: the landmarks come back as they are
+    nothing = torch.zeros(12, 14, dtype=torch.bool)
+    assert torch.equal(data.drift_landmarks(landmarks, nothing, torch.Generator(), pull=1.0,
+                                            noise=3.0), landmarks)
+
+
+@pytest.mark.parametrize("subset", ["hand", "scarf"])
+def test_drift_moves_occluded_landmarks_and_nothing_else(toy, subset):
+    options = dict(face_model=toy, size=SIZE, length=6, seed=4, subset=subset, with_clean=True)
+    exact = data.SyntheticFaces(landmark_drift=0.0, landmark_pull=0.0, **options).batch(range(6))
+    drifted = data.SyntheticFaces(**options).batch(range(6))  # the default drift
+    # the drift draws come last in each sample's stream: the pictures are the same
+    for key in ("image", "clean", "occlusion", "region", "theta"):
+        assert torch.equal(exact[key], drifted[key]), key
+    hidden = on_occluder(exact["landmarks"], exact["occlusion"][:, 0])  # (6, 68)
+    assert hidden.sum() > 20
+    assert torch.equal(drifted["landmarks"][~hidden], exact["landmarks"][~hidden])
+    assert (drifted["landmarks"][hidden] != exact["landmarks"][hidden]).all()
+    # occluded landmarks move towards the occluder (pull 0.3) with extra noise (8 px at 224)
+    shift = (drifted["landmarks"] - exact["landmarks"])[hidden].norm(dim=-1)  # (n,)
+    assert 1.0 < shift.mean() < 0.3 * SIZE
+
+
+def test_drift_noise_is_scaled_with_the_size(toy):
+    options = dict(face_model=toy, size=SIZE, length=8, seed=5, subset="scarf", landmark_pull=0.0)
+    exact = data.SyntheticFaces(landmark_drift=0.0, **options).batch(range(8))
+    drifted = data.SyntheticFaces(landmark_drift=10.0, **options).batch(range(8))
+    hidden = on_occluder(exact["landmarks"], exact["occlusion"][:, 0])
+    error = (drifted["landmarks"] - exact["landmarks"])[hidden]  # (n, 2)
+    assert error.numel() > 200
+    # std 10 px at 224, scaled by 96 / 224
+    assert error.std().item() == pytest.approx(10.0 * SIZE / 224, rel=0.2)
+
+
+def test_unoccluded_landmarks_do_not_drift(toy):
+    options = dict(face_model=toy, size=SIZE, length=5, seed=6, subset="unoccluded")
+    exact = data.SyntheticFaces(landmark_drift=0.0, landmark_pull=0.0, **options).batch(range(5))
+    strong = data.SyntheticFaces(landmark_drift=50.0, landmark_pull=1.0, **options).batch(range(5))
+    assert torch.equal(exact["landmarks"], strong["landmarks"])
+    assert torch.equal(exact["image"], strong["image"])
+
+
+def test_face_rendered_from_its_own_theta_reproduces_its_image(toy):
+    """The acceptance test of the decoder: a face without unexplainable parts and occluders,
+    decoded from its own ground-truth theta by R, equals its image up to the pixel noise
+    (std 0.01), because the renderer saturates as the data does; the unsaturated render of a
+    bright face misses its clipped pixels."""
+    model = toy
+    autoencoder = focus.FaceAutoencoder(focus.Encoder(width=4), model)
+    options = dict(face_model=model, size=64, length=8, subset="unoccluded", unexplainable=0.0)
+    # bright light (ambient 1.2-1.6, no harsh light): some pixels certainly saturate
+    bright = data.SyntheticFaces(ambient=(1.2, 1.6), harsh=0.0, seed=1, **options).batch(range(8))
+    default = data.SyntheticFaces(seed=2, **options).batch(range(8))
+    for faces in (bright, default):
+        theta = bfm.split_theta(faces["theta"])
+        with torch.no_grad():
+            out = autoencoder.decode(theta, height=64, width=64)
+        assert (out.region == faces["region"]).float().mean() > 0.999
+        # RMS inside the data's region and the decoded one, per image, in [0, 1] units
+        rms = evaluate.image_rmse(out.image, faces["image"], faces["region"], out.region) / 255
+        assert (rms < 0.02).all() and (rms > 0.005).all(), rms
+    # saturate=False: the shaded colours above 1 do not match the clipped image
+    theta = bfm.split_theta(bright["theta"])
+    with torch.no_grad():
+        vertices = model.vertices(theta.id, theta.exp)
+        raw = renderer.render(vertices, model.albedo(theta.albedo), theta.sh, theta.pose,
+                              model.triangles, model.landmarks, height=64, width=64,
+                              saturate=False)
+    assert raw.image.amax(dim=(1, 2, 3)).min() > 1.0  # every bright face overexposes
+    raw_rms = evaluate.image_rmse(raw.image, bright["image"], bright["region"], raw.region) / 255
+    assert raw_rms.max() > 0.1 and (raw_rms > 0.02).float().mean() > 0.5, raw_rms
 
 def test_ranges_bound_theta(toy):
     dataset = data.SyntheticFaces(face_model=toy, size=64, length=40, yaw=30.0, pitch=0.0, roll=5.0,

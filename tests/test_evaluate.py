@@ -1,6 +1,6 @@
 """Tests of evaluate.py: every metric against a slow twin or a hand-computed case, rigid
-alignment and the skin-colour model by properties, the whole evaluation and the export on a
-tiny trained run."""
+alignment and the skin-colour model by properties, the diagnosis of R with a true-theta and a
+zero encoder, the whole evaluation, the export and the diagnosis CLI on a tiny trained run."""
 import json
 import math
 import os
@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 import bfm
 import data
 import evaluate
+import focus
 import train
 
 
@@ -181,6 +182,128 @@ def test_skin_model_separates_two_colour_clouds():
         evaluate.SkinColourModel.fit(images, torch.zeros_like(skin), 1 - skin)
 
 
+# ---------------------------------------------------------------------------- diagnosis
+
+def random_theta(seed, B=3):
+    return bfm.split_theta(torch.randn(B, 257, generator=torch.Generator().manual_seed(seed)))
+
+
+@given(seed=st.integers(0, 2**31 - 1),
+       groups=st.lists(st.sampled_from(list(evaluate.GROUPS)), unique=True, max_size=5))
+def test_swap_groups_replaces_exactly_the_named_fields(seed, groups):
+    predicted, true = random_theta(seed), random_theta(seed + 1)
+    swapped = evaluate.swap_groups(predicted, true, groups)
+    fields = {evaluate.GROUPS[g] for g in groups}
+    assert set(evaluate.GROUPS.values()) == set(bfm.Theta._fields)
+    for field in bfm.Theta._fields:
+        source = true if field in fields else predicted
+        assert getattr(swapped, field) is getattr(source, field), field
+
+
+def test_swap_groups_rejects_unknown_groups():
+    with pytest.raises(KeyError):
+        evaluate.swap_groups(random_theta(0), random_theta(1), ["shape"])
+
+
+def test_theta_errors_of_a_known_offset():
+    true = random_theta(2, B=2)
+    pose = true.pose + torch.tensor([0.01, -0.02, 0.03, 1.0, -3.0, 5.0])
+    predicted = true._replace(id=true.id + 0.5, exp=true.exp - 0.25, albedo=true.albedo,
+                              sh=true.sh + torch.arange(27.0) % 2, pose=pose)
+    errors = evaluate.theta_errors(predicted, true)
+    expected = {"identity": 0.5, "expression": 0.25, "albedo": 0.0,
+                "light": math.sqrt(13 / 27),  # 13 of the 27 coefficients off by 1
+                "angles_deg": math.degrees(0.02), "shift_mm": 2.0, "depth_mm": 5.0}
+    for name, value in expected.items():
+        assert errors[name].shape == (2,), name
+        assert torch.allclose(errors[name], torch.full((2,), value), atol=1e-4), name
+    for name, field in (("identity", "id"), ("expression", "exp"), ("albedo", "albedo"),
+                        ("light", "sh")):
+        size = getattr(true, field).pow(2).mean(dim=1).sqrt()
+        assert torch.allclose(errors[name + "_size"], size), name
+
+
+class TrueThetaEncoder(torch.nn.Module):
+    """An encoder that knows the answer: the ground-truth theta of each image it is shown."""
+
+    def __init__(self, faces):
+        super().__init__()
+        self.images, self.theta = faces["image"], faces["theta"]
+
+    def forward(self, images):
+        rows = [int((self.images == image).flatten(1).all(1).nonzero()) for image in images]
+        return bfm.split_theta(self.theta[rows])
+
+
+@pytest.fixture(scope="module")
+def small_faces():
+    model = bfm.load_face_model("toy,resolution=24")
+    return model, evaluate.test_sets(model, 32, 3, subsets=("unoccluded", "scarf"))
+
+
+def test_test_sets_keep_the_true_theta(small_faces):
+    model, sets = small_faces
+    faces = data.SyntheticFaces(face_model=model, size=32, length=3, seed=evaluate.EVAL_SEED,
+                                subset="scarf")
+    assert torch.equal(sets["scarf"]["theta"], faces.batch([0, 1, 2])["theta"])
+    assert sets["unoccluded"]["theta"].shape == (3, 257)
+
+
+def test_diagnose_with_the_true_theta_has_nothing_to_blame(small_faces):
+    model, sets = small_faces
+    for faces in sets.values():
+        autoencoder = focus.FaceAutoencoder(TrueThetaEncoder(faces), model)
+        result = evaluate.diagnose(autoencoder, faces, batch_size=2)  # two batches
+        rows = result["rmse"]
+        assert list(rows) == (["predicted", "true"] + [f"{g} true" for g in evaluate.GROUPS]
+                              + [f"only {g} predicted" for g in evaluate.GROUPS])
+        assert rows["true"].shape == (3,) and np.isfinite(rows["true"]).all()
+        for row, values in rows.items():
+            assert np.array_equal(values, rows["true"]), row
+        for name, values in result["errors"].items():
+            if not name.endswith("_size"):
+                assert (values == 0).all(), name
+        assert (result["errors"]["identity_size"] > 0).all()
+        assert (result["landmarks_px"] == 0).all()
+        assert result["shape"]["R"].max() < 1e-3
+        assert (result["shape"]["Mean face"] > 0.1).all()
+
+
+def test_diagnose_of_a_fresh_encoder_predicts_the_mean_face(small_faces):
+    model, sets = small_faces
+    torch.manual_seed(0)
+    autoencoder = focus.FaceAutoencoder(focus.Encoder(width=4), model)  # theta = 0
+    faces = sets["unoccluded"]
+    result = evaluate.diagnose(autoencoder, faces)
+    rmse, errors = result["rmse"], result["errors"]
+    assert rmse["predicted"].mean() > rmse["true"].mean() + 5
+    # predicting 0: each group's error is the size of its truth
+    for name in ("identity", "expression", "albedo", "light"):
+        np.testing.assert_allclose(errors[name], errors[name + "_size"], rtol=1e-6)
+    true = bfm.split_theta(faces["theta"])
+    np.testing.assert_allclose(errors["depth_mm"], true.pose[:, 5].abs().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(result["shape"]["R"], result["shape"]["Mean face"], rtol=1e-6)
+    assert (result["landmarks_px"] > 0).all()
+    # the rows by hand: "light true" is theta 0 with the true light, "only light predicted"
+    # the true theta with light 0
+    zero = bfm.split_theta(torch.zeros_like(faces["theta"]))
+    light_true = zero._replace(sh=true.sh)
+    only_light = true._replace(sh=zero.sh)
+    with torch.no_grad():
+        for row, theta in (("light true", light_true), ("only light predicted", only_light)):
+            out = autoencoder.eval().decode(theta, height=32, width=32)
+            expected = evaluate.image_rmse(out.image, faces["image"], faces["visible_face"],
+                                           out.region).numpy()
+            np.testing.assert_allclose(rmse[row], expected, rtol=1e-5, err_msg=row)
+    assert not np.allclose(rmse["light true"], rmse["only light predicted"])
+    autoencoder.train()
+    result = evaluate.diagnose(autoencoder, faces)
+    assert autoencoder.training  # the mode is restored
+    markdown = evaluate.diagnosis_markdown(result, "unoccluded")
+    assert markdown.startswith("### unoccluded") and "| only pose predicted |" in markdown
+    assert "| identity (RMS) |" in markdown and "| Mean face |" in markdown
+
+
 # ---------------------------------------------------------------------------- a tiny run
 
 @pytest.fixture(scope="module")
@@ -330,3 +453,40 @@ def test_oracle_xi_is_the_best_threshold_of_its_grid(tiny_run):
                                                        out.region)["F1"])
         mean_f1[xi] = float(np.nanmean(torch.cat(values).numpy()))
     assert best in grid and mean_f1[best] == max(mean_f1.values())
+
+
+def test_diagnose_cli_writes_markdown_and_json(tiny_run, tmp_path, capsys):
+    focus_dir, _ = tiny_run
+    out = tmp_path / "diagnosis"
+    evaluate.main(["diagnose", "--run", focus_dir, "--stage", "init", "--count", "2",
+                   "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "diagnosis.md" in printed
+    markdown = (out / "diagnosis.md").read_text()
+    assert markdown.startswith(f"## Diagnosis of R: {focus_dir} (init), 2 faces per subset")
+    assert "### unoccluded" in markdown and "### random" in markdown
+    result = json.loads((out / "diagnosis.json").read_text())
+    assert result["run"] == focus_dir and result["stage"] == "init" and result["count"] == 2
+    assert list(result["subsets"]) == ["unoccluded", "random"]
+    numbers = result["subsets"]["random"]
+    assert set(numbers) == {"rmse", "errors", "landmarks_px", "shape"}
+    assert all(math.isfinite(v) for v in numbers["rmse"].values())
+    assert set(numbers["rmse"]) == {"predicted", "true", *(f"{g} true" for g in evaluate.GROUPS),
+                                    *(f"only {g} predicted" for g in evaluate.GROUPS)}
+    evaluate.main(["diagnose", "--run", focus_dir, "--stage", "prior", "--count", "1",
+                   "--subsets", "hand", "--out", str(out)])
+    assert list(json.loads((out / "diagnosis.json").read_text())["subsets"]) == ["hand"]
+
+
+def test_diagnose_cli_errors(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no config.json"):
+        evaluate.main(["diagnose", "--run", str(tmp_path / "nothing"), "--out",
+                       str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    half = str(tmp_path / "half")
+    train.run("init", half, train.make_config("tiny"))
+    with pytest.raises(SystemExit, match="not finished|no checkpoint"):
+        evaluate.main(["diagnose", "--run", half, "--stage", "em", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["diagnose", "--run", tiny_run[0], "--count", "0"])
+    assert exit_info.value.code == 2 and "--count must be >= 1" in capsys.readouterr().err

@@ -87,6 +87,31 @@ def test_resnet50_width_shapes(width):
         focus.ResNet50(width=0)
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_resnet50_without_stem_pool_keeps_maps_twice_as_large(size):
+    maps = {}
+    nets = {}
+    for pool in (True, False):
+        torch.manual_seed(0)
+        nets[pool] = focus.ResNet50(width=4, num_classes=7, stem_pool=pool).eval()
+        nets[pool].layer4.register_forward_hook(
+            lambda m, args, out, pool=pool: maps.update({pool: out.shape}))
+        assert nets[pool](torch.rand(2, 3, size, size)).shape == (2, 7)
+    # stride 32 with the stem's max-pooling, 16 without
+    assert maps[True] == (2, 128, size // 32, size // 32)
+    assert maps[False] == (2, 128, size // 16, size // 16)
+    # the same parameters, so checkpoints (and ImageNet weights) load either way
+    assert num_params(nets[True]) == num_params(nets[False])
+    state = nets[True].state_dict()
+    assert {k: v.shape for k, v in state.items()} == \
+        {k: v.shape for k, v in nets[False].state_dict().items()}
+    nets[False].load_state_dict(state)
+    x = torch.rand(1, 3, size, size)
+    assert not torch.allclose(nets[True].features(x), nets[False].features(x))
+    assert num_params(on_meta(lambda: focus.ResNet50(stem_pool=False))) == 25_557_032
+    encoder = focus.Encoder(width=4, stem_pool=False)
+    assert not encoder.resnet.stem_pool and focus.Encoder(width=4).resnet.stem_pool
+
 def test_load_imagenet_weights_roundtrip(tmp_path):
     torch.manual_seed(0)
     source = focus.ResNet50(width=4)

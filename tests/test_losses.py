@@ -1,6 +1,6 @@
 """Tests of losses.py: a slow reference for L_nbr, hypothesis properties of values, masks and
 gradient signs, float64 gradcheck of every loss, empty masks and regions, the preliminary mask,
-the two weighted sums, shapes and bad input.
+the monochromatic-light prior L_mono, the two weighted sums, shapes and bad input.
 
 Run: python -m pytest -q tests/test_losses.py
 """
@@ -306,6 +306,88 @@ def test_regularization_is_mean_of_squares():
 
 
 # ----------------------------------------------------------------------------------------------
+# L_mono
+# ----------------------------------------------------------------------------------------------
+
+def light_colour_reference(sh):
+    """L_mono coefficient by coefficient in Python floats: obviously correct, slow."""
+    B = sh.shape[0]
+    total = 0.0
+    for b in range(B):
+        for k in range(9):
+            channels = [float(sh[b, c * 9 + k]) for c in range(3)]  # phi_0k, phi_1k, phi_2k
+            mean = sum(channels) / 3
+            total += sum((x - mean) ** 2 for x in channels) / 27
+    return total / B
+
+
+def grey_light(seed, B, brightness):
+    """(B, 27) light whose three channels are equal: white light of a random direction."""
+    g = torch.Generator().manual_seed(seed)
+    grey = brightness * torch.randn(B, 1, 9, generator=g, dtype=DOUBLE)  # (B, 1, 9)
+    return grey.expand(B, 3, 9).reshape(B, 27)
+
+
+@given(seed=seeds, B=st.integers(1, 4), brightness=st.floats(0.0, 100.0))
+def test_light_colour_is_zero_for_white_light(seed, B, brightness):
+    sh = grey_light(seed, B, brightness)
+    value = losses.light_colour_loss(sh)
+    assert value.shape == ()
+    assert value.item() == pytest.approx(0.0, abs=1e-20 * (1 + brightness ** 2))
+    # an ambient offset equal in every channel (the renderer's) does not change it either
+    offset = torch.zeros(B, 3, 9, dtype=DOUBLE)
+    offset[:, :, 0] = 4.4
+    assert losses.light_colour_loss(sh + offset.view(B, 27)).item() == pytest.approx(
+        0.0, abs=1e-20 * (1 + brightness ** 2) + 1e-28)
+
+
+@given(seed=seeds, B=st.integers(1, 4), brightness=st.floats(0.0, 10.0))
+def test_light_colour_ignores_any_added_white_light(seed, B, brightness):
+    g = torch.Generator().manual_seed(seed + 1)
+    sh = torch.randn(B, 27, generator=g, dtype=DOUBLE)
+    white = grey_light(seed, B, brightness)
+    assert losses.light_colour_loss(sh + white).item() == pytest.approx(
+        losses.light_colour_loss(sh).item(), rel=1e-9, abs=1e-12)
+
+
+@given(seed=seeds, B=st.integers(1, 4), tint=st.floats(0.05, 0.5), channel=st.integers(0, 2))
+def test_light_colour_is_positive_for_a_tinted_light(seed, B, tint, channel):
+    white = grey_light(seed, B, 1.0).view(B, 3, 9)
+    gain = torch.ones(1, 3, 1, dtype=DOUBLE)
+    gain[0, channel] += tint
+    tinted = (white * gain).reshape(B, 27)  # one channel brighter: a coloured light
+    assert losses.light_colour_loss(tinted).item() > 0
+    # and more tint costs more
+    gain[0, channel] += tint
+    assert losses.light_colour_loss((white * gain).reshape(B, 27)) > \
+        losses.light_colour_loss(tinted)
+
+
+@given(seed=seeds, B=st.integers(1, 4), scale=st.sampled_from([0.01, 1.0, 30.0]))
+def test_light_colour_matches_slow_reference(seed, B, scale):
+    g = torch.Generator().manual_seed(seed)
+    sh = scale * torch.randn(B, 27, generator=g, dtype=DOUBLE)
+    assert losses.light_colour_loss(sh).item() == pytest.approx(light_colour_reference(sh),
+                                                                rel=1e-10, abs=1e-15)
+
+
+def test_light_colour_hand_example_and_layout():
+    # phi laid out (3 channels, 9): red phi_0 = 3, everything else 0
+    sh = torch.zeros(2, 27)
+    sh[0, 0] = 3.0
+    # channels (3, 0, 0) of one coefficient: spread (2, -1, -1), 6 / 27 for image 0, 0 for 1
+    assert losses.light_colour_loss(sh).item() == pytest.approx(6 / 27 / 2)
+    # the layout is (3 channels, 9), not (9, 3): equal first three entries are not grey
+    grey_in_wrong_layout = torch.zeros(1, 27)
+    grey_in_wrong_layout[0, :3] = 1.0  # phi_00, phi_01, phi_02: three coefficients of red
+    assert losses.light_colour_loss(grey_in_wrong_layout).item() > 0
+    grey = torch.zeros(1, 27)
+    grey[0, [0, 9, 18]] = 1.0  # phi_0 of red, green and blue
+    assert losses.light_colour_loss(grey).item() == 0.0
+    assert losses.light_colour_loss(sh.double()).dtype == DOUBLE
+    assert losses.light_colour_loss(sh).dtype == torch.float32
+
+# ----------------------------------------------------------------------------------------------
 # float64 gradcheck of every loss (random inputs: no min ties, no |M - 0.5| = 0)
 # ----------------------------------------------------------------------------------------------
 
@@ -356,6 +438,15 @@ def test_gradcheck_landmark_and_regularization():
                                                                           dtype=DOUBLE)
     assert torch.autograd.gradcheck(losses.regularization, (leaf(ids), leaf(exp)))
 
+
+def test_gradcheck_light_colour():
+    g = torch.Generator().manual_seed(20)
+    sh = torch.randn(3, 27, generator=g, dtype=DOUBLE)
+    assert torch.autograd.gradcheck(losses.light_colour_loss, (leaf(sh),))
+    # the gradient of a white light is zero: nothing pulls its brightness or direction
+    white = leaf(grey_light(21, 2, 1.0))
+    losses.light_colour_loss(white).backward()
+    assert white.grad.abs().max() < 1e-12
 
 def test_gradcheck_assembly():
     target, rendered, mask, region = make_inputs(8, H=3, W=3)
@@ -551,7 +642,9 @@ def test_autoencoder_loss_is_weighted_sum(seed, w, use_features):
     features = smooth_features if use_features else None
     total, terms = losses.autoencoder_loss(target, rendered, mask, region, features=features,
                                            **kw, **weights)
-    expected_keys = [k for k in losses.AUTOENCODER_TERMS if use_features or k != "L_per"]
+    # without sh there is no L_mono
+    expected_keys = [k for k in losses.AUTOENCODER_TERMS if (use_features or k != "L_per")
+                     and k != "L_mono"]
     assert list(terms) == expected_keys
     expected = sum(weights[k] * terms[AUTO_WEIGHTS[k]] for k in weights
                    if AUTO_WEIGHTS[k] in terms)
@@ -564,6 +657,36 @@ def test_autoencoder_loss_is_weighted_sum(seed, w, use_features):
         assert terms["L_per"] == losses.perceptual_loss(smooth_features(target),
                                                         smooth_features(rendered))
 
+
+@given(seed=seeds, lambda_mono=weight_values, use_features=st.booleans())
+def test_autoencoder_loss_adds_weighted_mono_only_with_sh(seed, lambda_mono, use_features):
+    target, rendered, mask, region, kw = auto_inputs(seed)
+    features = smooth_features if use_features else None
+    g = torch.Generator().manual_seed(seed)
+    sh = leaf(torch.randn(2, 27, generator=g, dtype=DOUBLE))
+    without, plain = losses.autoencoder_loss(target, rendered, mask, region, features=features,
+                                             **kw, lambda_mono=lambda_mono)
+    total, terms = losses.autoencoder_loss(target, rendered, mask, region, features=features,
+                                           **kw, sh=sh, lambda_mono=lambda_mono)
+    assert "L_mono" not in plain
+    assert list(terms) == [k for k in losses.AUTOENCODER_TERMS if use_features or k != "L_per"]
+    assert terms["L_mono"] == losses.light_colour_loss(sh)
+    assert all(terms[k] == v for k, v in plain.items())
+    assert total.item() == pytest.approx((without + lambda_mono * terms["L_mono"]).item(),
+                                         rel=1e-12, abs=1e-12)
+    # sh reaches the loss through L_mono alone
+    (grad,) = torch.autograd.grad(total, sh)
+    (alone,) = torch.autograd.grad(lambda_mono * losses.light_colour_loss(sh), sh)
+    assert torch.allclose(grad, alone)
+
+
+def test_autoencoder_mono_weight_defaults_to_zero():
+    target, rendered, mask, region, kw = auto_inputs(22)
+    sh = torch.randn(2, 27, generator=torch.Generator().manual_seed(22), dtype=DOUBLE)
+    without, _ = losses.autoencoder_loss(target, rendered, mask, region, **kw)
+    total, terms = losses.autoencoder_loss(target, rendered, mask, region, **kw, sh=sh)
+    assert terms["L_mono"] > 0  # logged ...
+    assert total.item() == without.item()  # ... but not in L_R (not in the paper)
 
 @pytest.mark.parametrize("name", list(AUTO_WEIGHTS))
 def test_autoencoder_zero_weight_removes_term(name):
@@ -639,3 +762,15 @@ def test_bad_input_raises_clear_errors():
         losses.regularization()
     with pytest.raises(ValueError, match="region must have shape"):
         losses.preliminary_mask(target, rendered, region[:1])
+    with pytest.raises(ValueError, match=r"sh must be \(B, 27\)"):
+        losses.light_colour_loss(torch.zeros(2, 9))
+    with pytest.raises(ValueError, match=r"sh must be \(B, 27\)"):
+        losses.light_colour_loss(torch.zeros(2, 28))
+    with pytest.raises(ValueError, match="2 dimensions"):
+        losses.light_colour_loss(torch.zeros(27))
+    with pytest.raises(ValueError, match="2 dimensions"):
+        losses.light_colour_loss(torch.zeros(2, 3, 9))
+    with pytest.raises(ValueError, match="floating-point"):
+        losses.light_colour_loss(torch.zeros(2, 27, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        losses.light_colour_loss(torch.zeros(2, 27).numpy())

@@ -339,6 +339,42 @@ def test_render_is_deterministic_and_dtype_consistent(toy):
     assert torch.allclose(a.image[both].double(), c.image[both], atol=1e-4)
 
 
+def test_saturated_render_is_the_clamped_render(toy):
+    """A very bright light overexposes the face: the camera clips to [0, 1] (saturate=True,
+    the default) where the plain shading (saturate=False) goes above 1."""
+    sh = torch.zeros(2, 27)
+    sh[:, [0, 9, 18]] = 6.0  # phi_0 of every channel: ambient far above the default
+    sh[1, [3, 12, 21]] = -12.0  # and a negative light from +x on the second face: black parts
+    pose = torch.tensor([[0.0, 0.3, 0.0, 0, 0, 0], [0.1, -0.4, 0.1, 2, 0, 0]])
+    B = pose.shape[0]
+    verts = toy.mean_shape.expand(B, -1, -1)
+    albedo = toy.mean_albedo.expand(B, -1, -1)
+    args = (verts, albedo, sh, pose, toy.triangles, toy.landmarks)
+    raw = render(*args, height=48, width=48, saturate=False)
+    saturated = render(*args, height=48, width=48)
+    assert raw.image.max() > 1.5 and raw.image.min() < 0  # the test light does overexpose
+    assert saturated.image.min() >= 0 and saturated.image.max() <= 1
+    assert torch.equal(saturated.image, raw.image.clamp(0, 1))
+    assert torch.equal(saturated.region, raw.region) and torch.equal(saturated.face_id, raw.face_id)
+    assert torch.equal(saturated.landmarks, raw.landmarks)
+    # clipped pixels pass no gradient; the others pass the unclipped gradient
+    sh_grad = sh.clone().requires_grad_()
+    image = render(verts, albedo, sh_grad, pose, toy.triangles, toy.landmarks, height=48,
+                   width=48).image
+    (grad,) = torch.autograd.grad(image.sum(), sh_grad)
+    inside = ((raw.image > 0) & (raw.image < 1)).float()
+    sh_raw = sh.clone().requires_grad_()
+    image = render(verts, albedo, sh_raw, pose, toy.triangles, toy.landmarks, height=48,
+                   width=48, saturate=False).image
+    (expected,) = torch.autograd.grad((image * inside).sum(), sh_raw)
+    assert torch.allclose(grad, expected, atol=1e-4)
+    # with the default light the face is not overexposed: both agree where nothing clips
+    dim = render(verts, albedo, torch.zeros(B, 27), pose, toy.triangles, toy.landmarks,
+                 height=48, width=48, saturate=False).image
+    ok = (dim >= 0) & (dim <= 1)
+    assert torch.equal(render(verts, albedo, torch.zeros(B, 27), pose, toy.triangles,
+                              toy.landmarks, height=48, width=48).image[ok], dim[ok])
+
 def test_render_rejects_bad_input(toy):
     verts = toy.mean_shape[None]
     with pytest.raises(ValueError, match="albedo"):

@@ -183,6 +183,73 @@ def test_phases_freeze_the_other_network(face_model):
     assert all(torch.equal(v, segmenter_before[k]) for k, v in segmenter.state_dict().items())
 
 
+def test_network_options_reach_the_encoder(face_model):
+    default, _ = train.build_models(TINY, face_model)
+    assert default.encoder.resnet.stem_pool
+    assert default.encoder.scale[-1].item() == pytest.approx(TINY.depth_scale)
+    cfg = dataclasses.replace(TINY, stem_pool=False, depth_scale=0.02)
+    autoencoder, _ = train.build_models(cfg, face_model)
+    assert not autoencoder.encoder.resnet.stem_pool
+    # tz = depth_scale * raw output; the other outputs keep their scales
+    assert autoencoder.encoder.scale[-1].item() == pytest.approx(0.02)
+    assert torch.equal(autoencoder.encoder.scale[:-1], default.encoder.scale[:-1])
+    # the parameters are the same, so a run's checkpoint does not depend on these options
+    assert {k: v.shape for k, v in autoencoder.state_dict().items()} == \
+        {k: v.shape for k, v in default.state_dict().items()}
+    assert train.parse_overrides(["--stem-pool", "false", "--depth-scale", "0.01",
+                                  "--train-occluded", "0.5", "--lambda-mono", "10"]) == \
+        {"stem_pool": False, "depth_scale": 0.01, "train_occluded": 0.5, "lambda_mono": 10.0}
+
+
+@pytest.mark.parametrize("stage", ["init", "em"])
+def test_train_occluded_sets_the_share_of_occluded_training_faces(face_model, stage):
+    for share in (0.0, 1.0):
+        cfg = dataclasses.replace(TINY, train_occluded=share)
+        dataset, _ = train.stage_data(stage, cfg, face_model)
+        assert dataset.subset == "train" and dataset.ranges.occluded == share
+        occluders = dataset.batch(list(range(12)))["occluders"]
+        assert all(o == "" for o in occluders) if share == 0.0 else all(occluders)
+    # R_syn's faces stay unoccluded whatever the share
+    prior, _ = train.stage_data("prior", dataclasses.replace(TINY, train_occluded=1.0),
+                                face_model)
+    assert prior.subset == "unoccluded"
+
+
+def test_lambda_mono_adds_the_light_colour_prior(face_model):
+    batch = _batch(TINY, face_model)
+    autoencoder, _ = train.build_models(TINY, face_model)
+    # a tinted light, so that L_mono > 0
+    torch.nn.init.normal_(autoencoder.encoder.resnet.fc.bias, std=0.5)
+    loss, logs = train.autoencoder_phase_loss("prior", batch, autoencoder, None, None, TINY)
+    assert "L_mono" not in logs
+    cfg = dataclasses.replace(TINY, lambda_mono=10.0)
+    mono_loss, mono_logs = train.autoencoder_phase_loss("prior", batch, autoencoder, None, None,
+                                                        cfg)
+    assert mono_logs["L_mono"] > 0
+    assert mono_loss.item() == pytest.approx(loss.item() + 10.0 * mono_logs["L_mono"], rel=1e-5)
+
+
+def test_lambda_mono_is_logged_and_plotted(tmp_path, face_model, monkeypatch):
+    from matplotlib.figure import Figure
+    plotted = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: plotted.append(
+        [line.get_label() for ax in fig.axes for line in ax.get_lines()]))
+    logged = {}
+    for weight in (0.0, 1.0):
+        cfg = dataclasses.replace(TINY, lambda_mono=weight, init_ae_steps=2, init_seg_steps=0,
+                                  figure_every=100)
+        run_dir = _prepared(str(tmp_path / f"run{weight}"), cfg)
+        train.train_stage("init", run_dir, cfg, face_model=face_model)
+        with open(os.path.join(run_dir, "log.csv")) as f:
+            header, *rows = f.read().splitlines()
+        column = header.split(",").index("L_mono")
+        logged[weight] = [row.split(",")[column] for row in rows]
+        assert len(rows) == 2
+    assert logged[0.0] == ["", ""]
+    assert all(float(value) >= 0 for value in logged[1.0])
+    # figures/losses.png: every logged term of the stage, L_mono and kept included
+    assert plotted[-1] == ["L_pixel", "L_lm", "L_reg", "L_mono", "kept"]
+
 @pytest.mark.parametrize("detach", [True, False])
 def test_detach_mask_stops_gradient_into_encoder(face_model, detach):
     cfg = dataclasses.replace(TINY, detach_mask=detach)
