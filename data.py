@@ -127,17 +127,17 @@ class Ranges:
     image clips to black); harsh light is one-sided: low ambient (0.25-0.55), strong light
     (0.9-1.5) from 50-90 degrees to one side.
     """
-    yaw: float = 60.0  # degrees, max |yaw|
-    pitch: float = 20.0  # degrees, max |pitch|
-    roll: float = 15.0  # degrees, max |roll|
+    yaw: float = 30.0  # degrees, max |yaw|
+    pitch: float = 15.0  # degrees, max |pitch|
+    roll: float = 10.0  # degrees, max |roll|
     shift: float = 10.0  # mm, max |tx|, |ty| (about 10 px at 224)
-    depth: float = 100.0  # mm, max |tz| (about +-10% scale)
+    depth: float = 20.0  # mm, max |tz| (about +-2% scale)
     id_std: float = 1.0  # alpha_id ~ N(0, id_std^2)
     exp_std: float = 0.7  # alpha_exp ~ N(0, exp_std^2)
     albedo_std: float = 1.0  # gamma ~ N(0, albedo_std^2)
     ambient: Tuple[float, float] = (0.6, 1.3)  # ambient irradiance (1.24 = theta 0)
     directional: Tuple[float, float] = (0.0, 0.8)  # directional irradiance, facing the light
-    harsh: float = 0.25  # probability of harsh one-sided light
+    harsh: float = 0.1  # probability of harsh one-sided light
     occluded: float = 0.8  # "train": probability of at least one occluder
     unexplainable: float = 0.5  # probability of unexplainable face parts
     landmark_noise: float = 1.0  # px std of the landmark noise at 224 (scaled with the size)

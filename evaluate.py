@@ -62,6 +62,7 @@ import data
 import focus
 import losses
 import train
+from losses import image_rmse  # the image metric, shared with training's held-out log
 
 SUBSETS = ("unoccluded", "glasses", "scarf", "hand", "random")
 OCCLUDED = ("glasses", "scarf", "hand", "random")
@@ -111,27 +112,6 @@ def segmentation_scores(mask: torch.Tensor, truth: torch.Tensor, region: torch.T
 
     return {"ACC": ratio(tp + tn, tp + fp + fn + tn), "PPV": ratio(tp, tp + fp),
             "TPR": ratio(tp, tp + fn), "F1": ratio(2 * tp, 2 * tp + fp + fn)}
-
-
-def image_rmse(rendered: torch.Tensor, target: torch.Tensor, visible: torch.Tensor,
-               region: torch.Tensor) -> torch.Tensor:
-    """RMSE on the 0-255 scale between I_R and I_T inside the visible face (Tab. 1), per image.
-
-        RMSE = 255 sqrt( sum_{x in A} sum_c (I_R - I_T)^2 / (3 |A|) ),  A = visible face & S_R
-
-    Args:
-        rendered, target: (B, 3, H, W) in [0, 1]. visible, region: (B, 1, H, W) in {0, 1}.
-    Returns:
-        (B,) float64, NaN where A is empty.
-    """
-    if rendered.shape != target.shape or visible.shape != region.shape:
-        raise ValueError("rendered / target and visible / region must have equal shapes")
-    area = ((visible > 0.5) & (region > 0.5)).double()  # (B, 1, H, W)
-    squared = (rendered.double() - target.double()).pow(2) * area  # (B, 3, H, W)
-    count = 3 * area.sum(dim=(1, 2, 3))  # (B,)
-    mse = torch.where(count > 0, squared.sum(dim=(1, 2, 3)) / count.clamp_min(1),
-                      torch.tensor(float("nan"), dtype=torch.float64, device=rendered.device))
-    return 255.0 * mse.sqrt()
 
 
 def rigid_align(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -745,7 +725,10 @@ def theta_errors(predicted: bfm.Theta, true: bfm.Theta) -> Dict[str, torch.Tenso
     """Per-image error of each theta group, (B,) each: identity, expression and albedo as the
     RMS coefficient difference (std units; "*_size" the RMS of the truth, the error of
     predicting 0), light as the RMS difference of the 27 SH coefficients, the Euler angles as
-    the mean absolute difference in degrees, the translations x, y and depth z in mm."""
+    the mean absolute difference in degrees, the translations x, y and depth z in mm; and how
+    far R goes to explain outliers: the tint of its light ("light_tint", L_mono per image, and
+    "light_tint_true" of the data's light) and the RMS of its albedo coefficients
+    ("albedo_predicted", 1 under the prior)."""
     rms = lambda x: x.pow(2).mean(dim=1).sqrt()  # (B, n) -> (B,)
     out = {}
     for name in ("identity", "expression", "albedo"):
@@ -754,6 +737,10 @@ def theta_errors(predicted: bfm.Theta, true: bfm.Theta) -> Dict[str, torch.Tenso
         out[name + "_size"] = rms(getattr(true, field))
     out["light"] = rms(predicted.sh - true.sh)
     out["light_size"] = rms(true.sh)
+    # can the model explain outliers? tinted light and albedo beyond its prior
+    out["light_tint"] = torch.stack([losses.light_colour_loss(s[None]) for s in predicted.sh])
+    out["light_tint_true"] = torch.stack([losses.light_colour_loss(s[None]) for s in true.sh])
+    out["albedo_predicted"] = rms(predicted.albedo)
     difference = predicted.pose - true.pose  # (B, 6)
     out["angles_deg"] = torch.rad2deg(difference[:, :3]).abs().mean(dim=1)
     out["shift_mm"] = difference[:, 3:5].abs().mean(dim=1)
@@ -761,7 +748,7 @@ def theta_errors(predicted: bfm.Theta, true: bfm.Theta) -> Dict[str, torch.Tenso
     return out
 
 
-def diagnose(autoencoder, faces: dict, *, batch_size: int = 32) -> dict:
+def diagnose(autoencoder, faces: dict, *, xi: float = 0.17, batch_size: int = 32) -> dict:
     """Where R's image error on `faces` comes from, measured by swapping in the ground truth.
 
     Rows of image RMSE (0-255, inside the visible face and the rendered region of that
@@ -769,8 +756,9 @@ def diagnose(autoencoder, faces: dict, *, batch_size: int = 32) -> dict:
     data's noise and unexplainable parts), "<group> true" (one group replaced by the truth)
     and "only <group> predicted" (every other group true). Also the theta errors of
     `theta_errors`, the landmark error (px, against the noise-free projection of the true
-    theta) and the neutral shape error (mm) of R and of the mean face (identity 0), the floor
-    any encoder must beat.
+    theta), the neutral shape error (mm) of R and of the mean face (identity 0), the floor
+    any encoder must beat, and the F1 of two masks on R's render: M_pre (Eq. 10, threshold
+    `xi`) and the whole rendered region.
 
     Args:
         autoencoder: R (`focus.FaceAutoencoder`), evaluated in eval mode without gradients.
@@ -778,12 +766,14 @@ def diagnose(autoencoder, faces: dict, *, batch_size: int = 32) -> dict:
             "neutral" (N, V, 3), as `test_sets` holds them.
     Returns:
         {"rmse": {row: (N,)}, "errors": {name: (N,)}, "landmarks_px": (N,),
-        "shape": {"R": (N,), "Mean face": (N,)}} as numpy arrays.
+        "shape": {"R": (N,), "Mean face": (N,)}, "f1": {"M_pre": (N,), "Whole region": (N,)}}
+        as numpy arrays.
     """
     rows = {"predicted": [], "true": []}
     rows.update({f"{g} true": [] for g in GROUPS})
     rows.update({f"only {g} predicted": [] for g in GROUPS})
     errors, landmark_px, shape, mean_face = {}, [], [], []
+    f1 = {"M_pre": [], "Whole region": []}
     model = autoencoder.face_model
     device = model.mean_shape.device
     with torch.no_grad(), focus._eval_mode(autoencoder):
@@ -812,11 +802,18 @@ def diagnose(autoencoder, faces: dict, *, batch_size: int = 32) -> dict:
             zero = torch.zeros_like(predicted.id)
             mean = model.vertices(zero, torch.zeros_like(predicted.exp))
             mean_face.append(shape_errors(mean, part["neutral"]).mean(dim=1).cpu())
+            out = outputs["predicted"]
+            masks = {"M_pre": losses.preliminary_mask(images, out.image, out.region, xi=xi),
+                     "Whole region": out.region}
+            for name, mask in masks.items():
+                f1[name].append(segmentation_scores(mask, part["visible_face"],
+                                                    out.region)["F1"].cpu())
     cat = lambda values: torch.cat(values).numpy()
     return {"rmse": {row: cat(v) for row, v in rows.items()},
             "errors": {name: cat(v) for name, v in errors.items()},
             "landmarks_px": cat(landmark_px),
-            "shape": {"R": cat(shape), "Mean face": cat(mean_face)}}
+            "shape": {"R": cat(shape), "Mean face": cat(mean_face)},
+            "f1": {name: cat(v) for name, v in f1.items()}}
 
 
 def diagnosis_markdown(result: dict, title: str) -> str:
@@ -828,12 +825,17 @@ def diagnosis_markdown(result: dict, title: str) -> str:
     lines += ["", "| theta group | error | predicting 0 |", "|---|---:|---:|"]
     for name in ("identity", "expression", "albedo", "light"):
         lines.append(f"| {name} (RMS) | {m(e[name]):.3f} | {m(e[name + '_size']):.3f} |")
-    lines += [f"| angles (deg) | {m(e['angles_deg']):.2f} | |",
+    lines += [f"| light tint L_mono (true: {m(e['light_tint_true']):.4f}) | "
+              f"{m(e['light_tint']):.4f} | |",
+              f"| albedo coefficients (RMS, prior 1) | {m(e['albedo_predicted']):.3f} | |",
+              f"| angles (deg) | {m(e['angles_deg']):.2f} | |",
               f"| shift x, y (mm) | {m(e['shift_mm']):.2f} | |",
               f"| depth (mm) | {m(e['depth_mm']):.2f} | |",
               f"| landmarks (px) | {m(result['landmarks_px']):.2f} | |",
               "", "| neutral shape | mean error (mm) |", "|---|---:|"]
     lines += [f"| {row} | {m(v):.3f} |" for row, v in result["shape"].items()]
+    lines += ["", "| mask on R's render | F1 |", "|---|---:|"]
+    lines += [f"| {row} | {m(v):.3f} |" for row, v in result["f1"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -846,12 +848,13 @@ def diagnose_run(run_dir: str, *, stage: str = "em", count: int = 64, out: str =
     sets = test_sets(face_model, cfg.image_size, count, subsets=subsets)
     parts, numbers = [f"## Diagnosis of R: {run_dir} ({stage}), {count} faces per subset", ""], {}
     for subset, faces in sets.items():
-        result = diagnose(autoencoder, faces)
+        result = diagnose(autoencoder, faces, xi=cfg.xi)
         parts.append(diagnosis_markdown(result, subset))
         numbers[subset] = {"rmse": {k: float(np.nanmean(v)) for k, v in result["rmse"].items()},
                            "errors": {k: float(np.nanmean(v)) for k, v in result["errors"].items()},
                            "landmarks_px": float(np.nanmean(result["landmarks_px"])),
-                           "shape": {k: float(np.nanmean(v)) for k, v in result["shape"].items()}}
+                           "shape": {k: float(np.nanmean(v)) for k, v in result["shape"].items()},
+                           "f1": {k: float(np.nanmean(v)) for k, v in result["f1"].items()}}
     markdown = "\n".join(parts)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "diagnosis.md"), "w") as f:

@@ -14,6 +14,7 @@ Paper map (Li et al., CVPR 2023; "Supp." is its supplement):
     regularization      L_reg     Sec. 3.2, before Eq. 8         R
     light_colour_loss   L_mono    not in the paper (Deep3D)      R
     preliminary_mask    M_pre     Eq. 9-10 (Sec. 3.3)            initialisation
+    image_rmse          RMSE      Tab. 1 (a metric, no loss)     evaluation
     segmenter_loss      L_S = eta_1 L_nbr + eta_2 L_dist + eta_3 L_area + eta_4 L_presv
                               + eta_5 L_bin                            (Sec. 3.2)
     autoencoder_loss    L_R = lambda_1 L_pixel + lambda_2 L_per + lambda_3 L_lm
@@ -497,6 +498,31 @@ def preliminary_mask(target: Tensor, rendered: Tensor, region: Tensor, *,
         residual = (target - rendered).pow(2).sum(dim=1, keepdim=True)  # (B, 1, H, W)
         keep = (residual < xi) & (region > 0.5)  # (B, 1, H, W)
         return keep.to(target.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the image metric (Tab. 1), shared by training's held-out log and evaluation
+# ----------------------------------------------------------------------------------------------
+
+def image_rmse(rendered: torch.Tensor, target: torch.Tensor, visible: torch.Tensor,
+               region: torch.Tensor) -> torch.Tensor:
+    """RMSE on the 0-255 scale between I_R and I_T inside the visible face (Tab. 1), per image.
+
+        RMSE = 255 sqrt( sum_{x in A} sum_c (I_R - I_T)^2 / (3 |A|) ),  A = visible face & S_R
+
+    Args:
+        rendered, target: (B, 3, H, W) in [0, 1]. visible, region: (B, 1, H, W) in {0, 1}.
+    Returns:
+        (B,) float64, NaN where A is empty.
+    """
+    if rendered.shape != target.shape or visible.shape != region.shape:
+        raise ValueError("rendered / target and visible / region must have equal shapes")
+    area = ((visible > 0.5) & (region > 0.5)).double()  # (B, 1, H, W)
+    squared = (rendered.double() - target.double()).pow(2) * area  # (B, 3, H, W)
+    count = 3 * area.sum(dim=(1, 2, 3))  # (B,)
+    mse = torch.where(count > 0, squared.sum(dim=(1, 2, 3)) / count.clamp_min(1),
+                      torch.tensor(float("nan"), dtype=torch.float64, device=rendered.device))
+    return 255.0 * mse.sqrt()
 
 
 # ----------------------------------------------------------------------------------------------

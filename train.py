@@ -93,11 +93,12 @@ STAGES = ("init", "em", "prior")
 VARIANTS = ("focus", "mofa", "supervised", "cutout", "cutmix")
 SEGMENTER_LOSSES = ("full", "baseline", "neighbor", "perceptual")
 # seed offsets of the data sets (training set = cfg.seed)
-PRIOR_TRAIN_SEED, PRIOR_EVAL_SEED, PREVIEW_SEED = 1_000, 2_000, 3_000
+PRIOR_TRAIN_SEED, PRIOR_EVAL_SEED, PREVIEW_SEED, HELDOUT_SEED = 1_000, 2_000, 3_000, 6_000
+HELDOUT_FACES = 32  # clean held-out faces whose RMSE is logged while training
 STAGE_SALT = {"init": 11, "em": 23, "prior": 37}  # separates the RNG streams of the stages
 LOG_FIELDS = ("stage", "step", "phase", "loss", "L_pixel", "L_per", "L_lm", "L_reg", "L_mono",
               "L_nbr",
-              "L_dist", "L_area", "L_presv", "L_bin", "L_bce", "kept", "lr", "s_per_step")
+              "L_dist", "L_area", "L_presv", "L_bin", "L_bce", "kept", "rmse_heldout", "lr", "s_per_step")
 
 
 class RunError(RuntimeError):
@@ -122,6 +123,7 @@ class Config:
     encoder_width: int = 16  # ResNet-50 width multiplier base; paper 64 (Sec. 4.1)
     unet_width: int = 16  # UNet width; paper 64 (Supp. A.2: 34.5M parameters)
     stem_pool: bool = True  # ResNet stem max-pooling (ImageNet stem); False for small images
+    translation_scale: float = 1.0  # encoder output scale of tx, ty (official code 1)
     depth_scale: float = 0.005  # encoder output scale of tz (official code 0.005)
     perceptual: str = "none"  # F (Sec. 3.2): "dlib", "arcface:PATH", "none"; paper ArcFace
     # optimisation (Supp. A.2)
@@ -182,8 +184,11 @@ PRESETS = {
                  eta_area=4.0, eta_bin=1.0, log_every=1, checkpoint_every=2, figure_every=3,
                  preview=2, threads=1),
     # the default: meaningful on a 2-core CPU (the dataclass defaults) with re-balanced eta
-    # (d* = eta_area / eta_nbr on the squared RGB residual; measured in README)
-    "cpu": dict(eta_area=4.0, eta_bin=1.0, lambda_lm=6e-3),
+    # (d* = eta_area / eta_nbr on the squared RGB residual; measured in README), the official
+    # unsquared L_pixel and lambda_lm re-balanced for it at 64 x 64 (docs/levers.md), and half
+    # of the training faces occluded
+    "cpu": dict(eta_area=4.0, eta_bin=1.0, pixel_form="official", lambda_lm=2e-3,
+                train_occluded=0.5),
     # the published schedule (Supp. A.2) on the paper's networks and F
     "paper": dict(image_size=224, batch_size=12, encoder_width=64, unet_width=64,
                   perceptual="dlib", optimizer="adadelta", lr=0.1, seg_lr_factor=0.06,
@@ -236,9 +241,10 @@ def validate(cfg: Config) -> None:
         raise ValueError("lr and seg_lr_factor must be > 0 and lr_decay in (0, 1]")
     if not 0 <= cfg.train_occluded <= 1:
         raise ValueError(f"train_occluded is a share in [0, 1], got {cfg.train_occluded}")
-    if cfg.depth_scale <= 0 or cfg.lambda_mono < 0:
-        raise ValueError(f"depth_scale must be > 0 and lambda_mono >= 0, got "
-                         f"{cfg.depth_scale} and {cfg.lambda_mono}")
+    if min(cfg.translation_scale, cfg.depth_scale) <= 0 or cfg.lambda_mono < 0:
+        raise ValueError(f"translation_scale and depth_scale must be > 0 and lambda_mono "
+                         f">= 0, got {cfg.translation_scale}, {cfg.depth_scale} and "
+                         f"{cfg.lambda_mono}")
     if cfg.segmenter_losses == "perceptual" and cfg.perceptual == "none":
         raise ValueError("segmenter_losses='perceptual' needs a perceptual network F "
                          "(--perceptual dlib or arcface:PATH)")
@@ -376,8 +382,8 @@ def ground_truth_mask(batch: dict, cfg: Config) -> torch.Tensor:
 def build_models(cfg: Config, face_model: bfm.MorphableModel):
     """R (encoder + face model + renderer) and S (None without a segmenter), seeded, on device."""
     torch.manual_seed(cfg.seed)
-    encoder = focus.Encoder(width=cfg.encoder_width, depth_scale=cfg.depth_scale,
-                            stem_pool=cfg.stem_pool)
+    encoder = focus.Encoder(width=cfg.encoder_width, translation_scale=cfg.translation_scale,
+                            depth_scale=cfg.depth_scale, stem_pool=cfg.stem_pool)
     autoencoder = focus.FaceAutoencoder(encoder, face_model)
     segmenter = focus.UNet(width=cfg.unet_width) if has_segmenter(cfg) else None
     device = torch.device(cfg.device)
@@ -712,17 +718,25 @@ def save_em_progress(run_dir: str, images: torch.Tensor, recon, step: int) -> No
 
 
 def save_loss_curves(run_dir: str) -> None:
-    """figures/losses.png: every logged term against the step, one panel per stage."""
+    """figures/losses.png: every logged term against the step, one panel per stage, and
+    below it R's held-out RMSE."""
     from matplotlib.figure import Figure
     with open(os.path.join(run_dir, "log.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     stages = [s for s in STAGES if any(r["stage"] == s for r in rows)]
     if not stages:
         return
-    fig = Figure(figsize=(6 * len(stages), 4))
-    axes = fig.subplots(1, len(stages), squeeze=False)
+    fig = Figure(figsize=(6 * len(stages), 7))
+    axes = fig.subplots(2, len(stages), squeeze=False)
+    for ax, stage in zip(axes[1], stages):
+        points = [(int(r["step"]), float(r["rmse_heldout"])) for r in rows
+                  if r["stage"] == stage and r["rmse_heldout"] not in ("", None)]
+        if points:
+            ax.plot(*zip(*points), lw=1, color="k")
+        ax.set_title(f"R's RMSE on {HELDOUT_FACES} clean held-out faces (0-255)", fontsize=9)
+        ax.set_xlabel("step")
     for ax, stage in zip(axes[0], stages):
-        for name in LOG_FIELDS[LOG_FIELDS.index("L_pixel"):LOG_FIELDS.index("lr")]:
+        for name in LOG_FIELDS[LOG_FIELDS.index("L_pixel"):LOG_FIELDS.index("rmse_heldout")]:
             points = [(int(r["step"]), float(r[name])) for r in rows
                       if r["stage"] == stage and r[name] not in ("", None)]
             if points:
@@ -849,6 +863,7 @@ def train_loop(stage: str, run_dir: str, cfg: Config, autoencoder, segmenter, op
     preview = load_batch(make_dataset(cfg, face_model, seed=cfg.seed + PREVIEW_SEED,
                                       length=cfg.preview) if cfg.data == "synthetic" else dataset,
                          list(range(cfg.preview)), device)
+    heldout = heldout_faces(cfg, face_model, device)
     if stage == "em" and segmenter is not None and state["step"] == 0:
         # the initialised model: the first column of the EM progression (Fig. 11 b, g)
         save_em_progress(run_dir, preview["image"],
@@ -876,7 +891,8 @@ def train_loop(stage: str, run_dir: str, cfg: Config, autoencoder, segmenter, op
             interval.setdefault((phase, name), []).append(value)
         if done % cfg.log_every == 0 or done == total:
             seconds = (time.perf_counter() - tic) / cfg.log_every
-            log_interval(run_dir, stage, done, total, interval, optimizers, seconds, cfg)
+            log_interval(run_dir, stage, done, total, interval, optimizers, seconds, cfg,
+                         rmse=heldout_rmse(autoencoder, heldout))
             interval, tic = {}, time.perf_counter()
         if done % cfg.figure_every == 0 or done == total:
             draw_figures(run_dir, stage, done, preview, autoencoder, segmenter, cfg)
@@ -887,11 +903,35 @@ def train_loop(stage: str, run_dir: str, cfg: Config, autoencoder, segmenter, op
             save_checkpoint(run_dir, stage, done, cfg, autoencoder, segmenter, optimizers)
 
 
+def heldout_faces(cfg: Config, face_model, device) -> Optional[dict]:
+    """`HELDOUT_FACES` clean synthetic faces (no occluder, no unexplainable part) of a seed no
+    stage trains on; None for image-folder data (no ground truth)."""
+    if cfg.data != "synthetic":
+        return None
+    faces = make_dataset(cfg, face_model, seed=cfg.seed + HELDOUT_SEED, subset="unoccluded",
+                         length=HELDOUT_FACES, unexplainable=0.0)
+    return load_batch(faces, list(range(HELDOUT_FACES)), device)
+
+
+def heldout_rmse(autoencoder, faces: Optional[dict]) -> Optional[float]:
+    """R's mean image RMSE (0-255, Tab. 1) on the held-out faces, in eval mode: an underfit R
+    shows itself while it trains (the floor is the pixel noise, about 2.6)."""
+    if faces is None:
+        return None
+    with torch.no_grad(), focus._eval_mode(autoencoder):
+        out = autoencoder(faces["image"])
+    return losses.image_rmse(out.image, faces["image"], faces["region"], out.region).mean().item()
+
+
 def log_interval(run_dir: str, stage: str, step: int, total: int, interval: dict,
-                 optimizers: dict, seconds: float, cfg: Config) -> None:
-    """Per phase of the interval: a log.csv row (means), the progress line, collapse warnings."""
+                 optimizers: dict, seconds: float, cfg: Config,
+                 rmse: Optional[float] = None) -> None:
+    """Per phase of the interval: a log.csv row (means and R's held-out RMSE), the progress
+    line, collapse warnings."""
     for phase in dict.fromkeys(p for p, _ in interval):
         means = {name: sum(v) / len(v) for (p, name), v in interval.items() if p == phase}
+        if rmse is not None:
+            means["rmse_heldout"] = rmse
         lr = optimizers[phase][0].param_groups[0]["lr"]
         append_log(run_dir, {"stage": stage, "step": step, "phase": phase, **means, "lr": lr,
                              "s_per_step": seconds})
