@@ -12,6 +12,8 @@ Paper map (Li et al., CVPR 2023, Sec. 4 and Supp. B):
     Gaussian skin-colour segmenter (Deep3D's masks)        SkinColourModel       Fig. 5, 7, Tab. 4
     mask F1 against one eta at a time                      sweep                 Supp. Fig. 4
     per-image fitting vs one forward pass                  compare_fitting       Sec. 1-2
+    where R's image error comes from (theta groups         diagnose              (diagnostic)
+      swapped for the truth, group errors, mean face)
 
 Test data are synthetic faces (`data.SyntheticFaces`) of five subsets, unoccluded, glasses,
 scarf, hand (skin-coloured occluders, Fig. 7) and random, drawn with seed `EVAL_SEED`, which no
@@ -41,7 +43,8 @@ in results/tables.md, numbers in results/results.json, figures in results/);
 `python evaluate.py export --run runs/cpu --images DIR --out DIR` writes .obj meshes, masks and
 reconstructions of a folder of photos; `python evaluate.py fitting --run runs/cpu` compares
 per-image fitting (fit.py) with the trained networks; `python evaluate.py sweep --run RUNS`
-plots mask F1 against one eta at a time (Supp. Fig. 4, runs from `experiments.py --group sweep`).
+plots mask F1 against one eta at a time (Supp. Fig. 4, runs from `experiments.py --group sweep`);
+`python evaluate.py diagnose --run runs/cpu` says where R's image error comes from.
 Tests: `python -m pytest -q tests/test_evaluate.py`.
 """
 import argparse

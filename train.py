@@ -35,8 +35,10 @@ Run directory `runs/<name>/`: config.json; <stage>.pt checkpoints (models, optim
 schedulers, RNG, step = data position; written atomically, one at step 0); misfit_prior.pt;
 log.csv (losses keyed by paper names, interval means); log.txt (the printed progress lines and
 warnings); figures/ (target | reconstruction | mask | overlay grids, the EM progression,
-loss curves). A run killed at any moment continues with `--resume` and ends with the same
-parameters as an uninterrupted run (deterministic CPU: same threads, same device).
+loss curves, and R's image RMSE on 32 clean held-out faces, logged as `rmse_heldout` at every
+log line so that an underfit R shows itself while it trains). A run killed at any moment
+continues with `--resume` and ends with the same parameters as an uninterrupted run
+(deterministic CPU: same threads, same device).
 
 Deviations from the paper (README repeats them):
 - Presets. `paper` is the published schedule (224 x 224, batch 12, Adadelta lr 0.1 x 0.99 every
@@ -49,9 +51,14 @@ Deviations from the paper (README repeats them):
   10 -> 1: with L_nbr and L_area per rendered pixel a pixel is kept when its neighbour
   residual (squared RGB distance) is below eta_area / eta_nbr, 1/30 with the paper's weights,
   which rejects about half of the visible face of an early 64 x 64 fit (median residual 0.03,
-  90th percentile 0.2), and eta_bin = 10 pushes every pixel below 0.5 to 0 (DESIGN.md,
-  section 8, measured the same collapse). L_lm is in squared pixels, so its weight lambda_3
-  is scaled by (224 / 64)^2 (5e-4 -> 6e-3) to weigh the same at 64 x 64 as at 224 x 224.
+  90th percentile 0.2), and eta_bin = 10 pushes every pixel below 0.5 to 0 (a collapse
+  measured here too). `cpu` also takes the official code's unsquared L_pixel (the form the
+  paper's weights were tuned with) with lambda_3 = 2e-3 (L_lm is in squared pixels): with the
+  paper's squared distance the landmark term outweighed the pixel term about thirty-fold and R
+  learned little but the landmarks (docs/levers.md), and half of its training faces are
+  occluded (`train_occluded`).
+- An optional white-light prior L_mono (`lambda_mono`, Deep3D's; not in the paper, 0 by
+  default) keeps the light from tinting the face with an occluder's colour.
 - EM order: segmenter phase first in every cycle (Sec. 3.2 describes S first; the official code
   does the same). Each stage starts fresh optimisers and schedules; a schedule counts the steps
   of its own network.
@@ -732,7 +739,7 @@ def save_loss_curves(run_dir: str) -> None:
         points = [(int(r["step"]), float(r["rmse_heldout"])) for r in rows
                   if r["stage"] == stage and r["rmse_heldout"] not in ("", None)]
         if points:
-            ax.plot(*zip(*points), lw=1, color="k")
+            ax.plot(*zip(*points), lw=1, color="k", label="rmse_heldout")
         ax.set_title(f"R's RMSE on {HELDOUT_FACES} clean held-out faces (0-255)", fontsize=9)
         ax.set_xlabel("step")
     for ax, stage in zip(axes[0], stages):

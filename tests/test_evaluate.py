@@ -260,9 +260,14 @@ def test_diagnose_with_the_true_theta_has_nothing_to_blame(small_faces):
         assert rows["true"].shape == (3,) and np.isfinite(rows["true"]).all()
         for row, values in rows.items():
             assert np.array_equal(values, rows["true"]), row
-        for name, values in result["errors"].items():
-            if not name.endswith("_size"):
+        errors = result["errors"]
+        for name, values in errors.items():
+            if not name.endswith(("_size", "_true")) and name not in ("light_tint",
+                                                                       "albedo_predicted"):
                 assert (values == 0).all(), name
+        # the outlier-explanation numbers describe the prediction, here the truth itself
+        np.testing.assert_array_equal(errors["light_tint"], errors["light_tint_true"])
+        np.testing.assert_allclose(errors["albedo_predicted"], errors["albedo_size"], rtol=1e-6)
         assert (result["errors"]["identity_size"] > 0).all()
         assert (result["landmarks_px"] == 0).all()
         assert result["shape"]["R"].max() < 1e-3
@@ -296,12 +301,24 @@ def test_diagnose_of_a_fresh_encoder_predicts_the_mean_face(small_faces):
                                            out.region).numpy()
             np.testing.assert_allclose(rmse[row], expected, rtol=1e-5, err_msg=row)
     assert not np.allclose(rmse["light true"], rmse["only light predicted"])
+    # the masks on R's render: the whole region's F1 by hand; M_pre keeps only part of it
+    with torch.no_grad():
+        out = autoencoder.eval().decode(zero, height=32, width=32)
+    whole = evaluate.segmentation_scores(out.region, faces["visible_face"], out.region)["F1"]
+    np.testing.assert_allclose(result["f1"]["Whole region"], whole.numpy(), rtol=1e-6)
+    strict = evaluate.diagnose(autoencoder, faces, xi=1e-6)["f1"]["M_pre"]
+    assert np.nanmean(strict) < np.nanmean(result["f1"]["Whole region"])
+    # theta = 0 is white light with albedo at the mean: no tint, no albedo beyond the prior
+    np.testing.assert_allclose(errors["light_tint"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(errors["albedo_predicted"], 0.0, atol=1e-12)
+    assert (errors["light_tint_true"] > 0).all()  # the data's light has a colour tint
     autoencoder.train()
     result = evaluate.diagnose(autoencoder, faces)
     assert autoencoder.training  # the mode is restored
     markdown = evaluate.diagnosis_markdown(result, "unoccluded")
     assert markdown.startswith("### unoccluded") and "| only pose predicted |" in markdown
     assert "| identity (RMS) |" in markdown and "| Mean face |" in markdown
+    assert "| Whole region |" in markdown and "| light tint L_mono" in markdown
 
 
 # ---------------------------------------------------------------------------- a tiny run
@@ -469,7 +486,7 @@ def test_diagnose_cli_writes_markdown_and_json(tiny_run, tmp_path, capsys):
     assert result["run"] == focus_dir and result["stage"] == "init" and result["count"] == 2
     assert list(result["subsets"]) == ["unoccluded", "random"]
     numbers = result["subsets"]["random"]
-    assert set(numbers) == {"rmse", "errors", "landmarks_px", "shape"}
+    assert set(numbers) == {"rmse", "errors", "landmarks_px", "shape", "f1"}
     assert all(math.isfinite(v) for v in numbers["rmse"].values())
     assert set(numbers["rmse"]) == {"predicted", "true", *(f"{g} true" for g in evaluate.GROUPS),
                                     *(f"only {g} predicted" for g in evaluate.GROUPS)}
