@@ -772,51 +772,46 @@ def diagnose(autoencoder, faces: dict, *, xi: float = 0.17, batch_size: int = 32
         "shape": {"R": (N,), "Mean face": (N,)}, "f1": {"M_pre": (N,), "Whole region": (N,)}}
         as numpy arrays.
     """
-    rows = {"predicted": [], "true": []}
-    rows.update({f"{g} true": [] for g in GROUPS})
-    rows.update({f"only {g} predicted": [] for g in GROUPS})
-    errors, landmark_px, shape, mean_face = {}, [], [], []
-    f1 = {"M_pre": [], "Whole region": []}
-    model = autoencoder.face_model
-    device = model.mean_shape.device
+    device, parts = autoencoder.face_model.mean_shape.device, []
     with torch.no_grad(), focus._eval_mode(autoencoder):
         for first in range(0, faces["image"].shape[0], batch_size):
-            part = {k: faces[k][first:first + batch_size].to(device)
-                    for k in ("image", "theta", "visible_face", "neutral")}
-            images = part["image"]
-            H, W = images.shape[-2:]
-            predicted = autoencoder.encoder(images)
-            true = bfm.split_theta(part["theta"])
-            variants = {"predicted": predicted, "true": true}
-            variants.update({f"{g} true": swap_groups(predicted, true, [g]) for g in GROUPS})
-            variants.update({f"only {g} predicted": swap_groups(
-                predicted, true, [o for o in GROUPS if o != g]) for g in GROUPS})
-            outputs = {}
-            for row, theta in variants.items():
-                outputs[row] = autoencoder.decode(theta, height=H, width=W)
-                rows[row].append(image_rmse(outputs[row].image, images, part["visible_face"],
-                                            outputs[row].region).cpu())
-            for name, value in theta_errors(predicted, true).items():
-                errors.setdefault(name, []).append(value.cpu())
-            landmark_px.append((outputs["predicted"].landmarks - outputs["true"].landmarks)
-                               .norm(dim=-1).mean(dim=1).cpu())
-            neutral = model.vertices(predicted.id, torch.zeros_like(predicted.exp))
-            shape.append(shape_errors(neutral, part["neutral"]).mean(dim=1).cpu())
-            zero = torch.zeros_like(predicted.id)
-            mean = model.vertices(zero, torch.zeros_like(predicted.exp))
-            mean_face.append(shape_errors(mean, part["neutral"]).mean(dim=1).cpu())
-            out = outputs["predicted"]
-            masks = {"M_pre": losses.preliminary_mask(images, out.image, out.region, xi=xi),
-                     "Whole region": out.region}
-            for name, mask in masks.items():
-                f1[name].append(segmentation_scores(mask, part["visible_face"],
-                                                    out.region)["F1"].cpu())
-    cat = lambda values: torch.cat(values).numpy()
-    return {"rmse": {row: cat(v) for row, v in rows.items()},
-            "errors": {name: cat(v) for name, v in errors.items()},
-            "landmarks_px": cat(landmark_px),
-            "shape": {"R": cat(shape), "Mean face": cat(mean_face)},
-            "f1": {name: cat(v) for name, v in f1.items()}}
+            batch = {k: faces[k][first:first + batch_size].to(device)
+                     for k in ("image", "theta", "visible_face", "neutral")}
+            parts.append(_diagnose_batch(autoencoder, batch, xi=xi))
+    cat = lambda values: torch.cat(values).cpu().numpy()
+    result = {group: {name: cat([p[group][name] for p in parts]) for name in parts[0][group]}
+              for group in ("rmse", "errors", "shape", "f1")}
+    result["landmarks_px"] = cat([p["landmarks_px"] for p in parts])
+    return result
+
+
+def _diagnose_batch(autoencoder, batch: dict, *, xi: float) -> dict:
+    """`diagnose` on one batch, as tensors (B,)."""
+    images, model = batch["image"], autoencoder.face_model
+    H, W = images.shape[-2:]
+    predicted, true = autoencoder.encoder(images), bfm.split_theta(batch["theta"])
+    variants = {"predicted": predicted, "true": true}
+    variants.update({f"{g} true": swap_groups(predicted, true, [g]) for g in GROUPS})
+    variants.update({f"only {g} predicted": swap_groups(
+        predicted, true, [o for o in GROUPS if o != g]) for g in GROUPS})
+    outputs = {row: autoencoder.decode(theta, height=H, width=W)
+               for row, theta in variants.items()}
+    rmse = {row: image_rmse(out.image, images, batch["visible_face"], out.region)
+            for row, out in outputs.items()}
+    zero_exp = torch.zeros_like(predicted.exp)
+    neutral = model.vertices(predicted.id, zero_exp)  # (B, V, 3)
+    mean = model.vertices(torch.zeros_like(predicted.id), zero_exp)  # (B, V, 3)
+    shape = {"R": shape_errors(neutral, batch["neutral"]).mean(dim=1),
+             "Mean face": shape_errors(mean, batch["neutral"]).mean(dim=1)}
+    out = outputs["predicted"]
+    masks = {"M_pre": losses.preliminary_mask(images, out.image, out.region, xi=xi),
+             "Whole region": out.region}
+    f1 = {name: segmentation_scores(mask, batch["visible_face"], out.region)["F1"]
+          for name, mask in masks.items()}
+    # mean distance of the 68 landmarks from their noise-free projection, px
+    landmarks = (out.landmarks - outputs["true"].landmarks).norm(dim=-1).mean(dim=1)  # (B,)
+    return {"rmse": rmse, "errors": theta_errors(predicted, true), "shape": shape, "f1": f1,
+            "landmarks_px": landmarks}
 
 
 def diagnosis_markdown(result: dict, title: str) -> str:
@@ -1055,6 +1050,31 @@ def export(run_dir: str, images: str, out: str, *, csv_path: Optional[str] = Non
 # command line
 # ----------------------------------------------------------------------------------------------
 
+def diagnose_main(argv: list) -> None:
+    """`python evaluate.py diagnose ...`: the CLI of `diagnose_run`."""
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py diagnose", description="Where R's image error comes from: RMSE "
+        "with each theta group replaced by the ground truth, the error of each group, the "
+        "landmark error and the mean-face shape floor, on held-out synthetic faces.")
+    parser.add_argument("--run", required=True, help="run dir")
+    parser.add_argument("--stage", default="em", choices=train.STAGES,
+                        help="the checkpoint to diagnose (default em)")
+    parser.add_argument("--count", type=int, default=64, help="faces per subset (default 64)")
+    parser.add_argument("--subsets", nargs="+", default=["unoccluded", "random"],
+                        choices=SUBSETS)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error("--count must be >= 1")
+    try:
+        print(diagnose_run(args.run, stage=args.stage, count=args.count, out=args.out,
+                           subsets=tuple(args.subsets), device=args.device))
+    except train.RunError as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {args.out}/diagnosis.md and diagnosis.json")
+
+
 def main(argv: Optional[list] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
@@ -1091,28 +1111,7 @@ def main(argv: Optional[list] = None) -> None:
             sys.exit(f"error: {error}")
         return
     if argv[:1] == ["diagnose"]:
-        parser = argparse.ArgumentParser(
-            prog="evaluate.py diagnose", description="Where R's image error comes from: RMSE "
-            "with each theta group replaced by the ground truth, the error of each group, the "
-            "landmark error and the mean-face shape floor, on held-out synthetic faces.")
-        parser.add_argument("--run", required=True, help="run dir")
-        parser.add_argument("--stage", default="em", choices=train.STAGES,
-                            help="the checkpoint to diagnose (default em)")
-        parser.add_argument("--count", type=int, default=64, help="faces per subset (default 64)")
-        parser.add_argument("--subsets", nargs="+", default=["unoccluded", "random"],
-                            choices=SUBSETS)
-        parser.add_argument("--out", default="results")
-        parser.add_argument("--device", default="cpu")
-        args = parser.parse_args(argv[1:])
-        if args.count < 1:
-            parser.error("--count must be >= 1")
-        try:
-            print(diagnose_run(args.run, stage=args.stage, count=args.count, out=args.out,
-                               subsets=tuple(args.subsets), device=args.device))
-        except train.RunError as error:
-            sys.exit(f"error: {error}")
-        print(f"wrote {args.out}/diagnosis.md and diagnosis.json")
-        return
+        return diagnose_main(argv[1:])
     if argv[:1] == ["fitting"]:
         parser = argparse.ArgumentParser(
             prog="evaluate.py fitting", description="Per-image fitting (fit.py: plain, robust, "
