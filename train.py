@@ -104,8 +104,8 @@ PRIOR_TRAIN_SEED, PRIOR_EVAL_SEED, PREVIEW_SEED, HELDOUT_SEED = 1_000, 2_000, 3_
 HELDOUT_FACES = 32  # clean held-out faces whose RMSE is logged while training
 STAGE_SALT = {"init": 11, "em": 23, "prior": 37}  # separates the RNG streams of the stages
 LOG_FIELDS = ("stage", "step", "phase", "loss", "L_pixel", "L_per", "L_lm", "L_reg", "L_mono",
-              "L_nbr",
-              "L_dist", "L_area", "L_presv", "L_bin", "L_bce", "kept", "rmse_heldout", "lr", "s_per_step")
+              "L_nbr", "L_dist", "L_area", "L_presv", "L_bin", "L_bce", "kept", "rmse_heldout",
+              "lr", "s_per_step")
 
 
 class RunError(RuntimeError):
