@@ -1040,6 +1040,59 @@ class SyntheticFaces(torch.utils.data.Dataset):
         return sample
 
 
+class CachedFaces:
+    """A dataset's samples kept in memory after their first draw: an epoch after the first
+    costs no rendering. The batches are exactly those of the wrapped dataset (samples do not
+    depend on their batch), without the per-vertex keys ("vertices", "neutral"), which
+    training does not read. Masks are stored as bool ({0, 1} exactly) to save memory.
+
+    Args:
+        dataset: an object with `batch(indices)` and `len()` (e.g. `SyntheticFaces`).
+        max_mb: memory budget; once it is spent, further samples are drawn fresh each time.
+    """
+
+    SKIP = ("vertices", "neutral")
+    MASKS = ("occlusion", "visible_face", "region")
+
+    def __init__(self, dataset, *, max_mb: float):
+        if max_mb < 0:
+            raise ValueError(f"max_mb must be >= 0, got {max_mb!r}")
+        self.dataset, self.max_bytes = dataset, max_mb * 2 ** 20
+        self.samples, self.bytes = {}, 0  # index -> {key: tensor or str}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, indices: Sequence[int], *, device=None) -> dict:
+        """`dataset.batch(indices)` without the per-vertex keys, from memory where possible."""
+        missing = sorted({int(i) for i in indices} - set(self.samples))
+        fresh = {}
+        if missing:
+            drawn = self.dataset.batch(missing)
+            for b, index in enumerate(missing):
+                sample = {key: value[b] for key, value in drawn.items() if key not in self.SKIP}
+                fresh[index] = sample
+                self._keep(index, sample)
+        rows = [fresh[int(i)] if int(i) in fresh else self._load(int(i)) for i in indices]
+        out = {key: torch.stack([r[key] for r in rows]) if torch.is_tensor(rows[0][key])
+               else [r[key] for r in rows] for key in rows[0]}
+        if device is not None:
+            out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+        return out
+
+    def _keep(self, index: int, sample: dict) -> None:
+        stored = {key: value.bool() if key in self.MASKS else value.clone()
+                  if torch.is_tensor(value) else value for key, value in sample.items()}
+        size = sum(v.numel() * v.element_size() for v in stored.values() if torch.is_tensor(v))
+        if self.bytes + size <= self.max_bytes:
+            self.samples[index] = stored
+            self.bytes += size
+
+    def _load(self, index: int) -> dict:
+        return {key: value.float() if key in self.MASKS else value
+                for key, value in self.samples[index].items()}
+
+
 def drift_landmarks(landmarks: torch.Tensor, occlusion: torch.Tensor, g: torch.Generator, *,
                     pull: float, noise: float) -> torch.Tensor:
     """Landmarks as a detector finds them under an occluder: the points that fall on occluded

@@ -139,6 +139,7 @@ class Config:
     seg_lr_factor: float = 1.0  # segmenter lr / encoder lr; paper 0.06
     lr_decay: float = 0.99  # multiplicative decay, paper 0.99 ...
     lr_decay_every: int = 5_000  # ... every 5k steps of that network
+    lr_schedule: str = "step"  # "step" (paper: the decay above) or "cosine" (to 0 per stage)
     # schedule (Supp. A.2)
     init_ae_steps: int = 3_000  # R with M_pre (Sec. 3.3); paper 300k
     init_seg_steps: int = 600  # S pre-trained on M_pre (Sec. 3.3); not given in the paper
@@ -181,6 +182,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    data_cache_mb: int = 2048  # synthetic training samples kept in memory (same batches); 0 off
 
 
 PRESETS = {
@@ -222,7 +224,8 @@ def validate(cfg: Config) -> None:
     """Raise ValueError naming the first setting that cannot work."""
     choices = {"variant": VARIANTS, "segmenter_losses": SEGMENTER_LOSSES,
                "optimizer": ("adam", "adadelta"), "nbr_normalize": ("region", "image"),
-               "bin_form": ("paper", "official"), "pixel_form": ("paper", "official")}
+               "bin_form": ("paper", "official"), "pixel_form": ("paper", "official"),
+               "lr_schedule": ("step", "cosine")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
@@ -235,7 +238,7 @@ def validate(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("init_seg_steps", "em_steps", "prior_steps", "threads"):
+    for name in ("init_seg_steps", "em_steps", "prior_steps", "threads", "data_cache_mb"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 < cfg.em_ae_steps < cfg.em_cycle:
@@ -397,24 +400,41 @@ def build_models(cfg: Config, face_model: bfm.MorphableModel):
     return autoencoder.to(device), segmenter.to(device) if segmenter is not None else None
 
 
-def make_optimizer(parameters, lr: float, cfg: Config):
-    """Adadelta (paper, Supp. A.2) or Adam, with its step decay (x lr_decay every k steps)."""
+def make_optimizer(parameters, lr: float, cfg: Config, steps: int = 1):
+    """Adadelta (paper, Supp. A.2) or Adam, with its schedule over the network's `steps` steps
+    of the stage: the paper's step decay (x lr_decay every lr_decay_every steps) or, with
+    `lr_schedule` "cosine", lr (1 + cos(pi t / steps)) / 2, which ends a short stage at 0."""
     parameters = list(parameters)
     if cfg.optimizer == "adadelta":
         optimizer = torch.optim.Adadelta(parameters, lr=lr)
     else:
         optimizer = torch.optim.Adam(parameters, lr=lr)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_every,
-                                               gamma=cfg.lr_decay)
+    if cfg.lr_schedule == "cosine":
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    else:
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_every,
+                                                   gamma=cfg.lr_decay)
     return optimizer, schedule
+
+
+def phase_steps(stage: str, cfg: Config) -> dict:
+    """{phase: number of steps of that phase in the stage}."""
+    counts = {}
+    for step in range(stage_steps(stage, cfg)):
+        phase = stage_phase(stage, step, cfg)
+        counts[phase] = counts.get(phase, 0) + 1
+    return counts
 
 
 def make_optimizers(stage: str, autoencoder, segmenter, cfg: Config) -> dict:
     """One (optimizer, schedule) per phase of the stage: each network has its own (Sec. 3.2)."""
-    out = {"autoencoder": make_optimizer(autoencoder.encoder.parameters(), cfg.lr, cfg)}
+    steps = phase_steps(stage, cfg)
+    out = {"autoencoder": make_optimizer(autoencoder.encoder.parameters(), cfg.lr, cfg,
+                                         steps.get("autoencoder", 1))}
     if segmenter is not None and stage in ("init", "em"):
         key = "pretrain" if stage == "init" else "segmenter"
-        out[key] = make_optimizer(segmenter.parameters(), cfg.lr * cfg.seg_lr_factor, cfg)
+        out[key] = make_optimizer(segmenter.parameters(), cfg.lr * cfg.seg_lr_factor, cfg,
+                                  steps.get(key, 1))
     return out
 
 
@@ -797,9 +817,12 @@ def apply_misfit_prior(vertices: torch.Tensor, prior: torch.Tensor) -> torch.Ten
 def stage_data(stage: str, cfg: Config, face_model):
     """(training set, RNG salt) of a stage: R_syn trains on plain synthetic faces (Sec. 3.4)."""
     if stage == "prior":
-        return prior_faces(cfg, face_model, seed=cfg.seed + PRIOR_TRAIN_SEED), STAGE_SALT[stage]
-    return make_dataset(cfg, face_model, seed=cfg.seed, occluded=cfg.train_occluded), \
-        STAGE_SALT[stage]
+        dataset = prior_faces(cfg, face_model, seed=cfg.seed + PRIOR_TRAIN_SEED)
+    else:
+        dataset = make_dataset(cfg, face_model, seed=cfg.seed, occluded=cfg.train_occluded)
+    if isinstance(dataset, data.SyntheticFaces) and cfg.data_cache_mb > 0:
+        dataset = data.CachedFaces(dataset, max_mb=cfg.data_cache_mb)
+    return dataset, STAGE_SALT[stage]
 
 
 def prior_faces(cfg: Config, face_model, *, seed: int, length: Optional[int] = None):

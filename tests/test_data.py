@@ -81,6 +81,48 @@ def test_batch_equals_collated_items(train_set):
         assert torch.equal(slow[key], fast[key]), key
 
 
+class _CountingFaces:
+    """A dataset that counts the samples it renders."""
+
+    def __init__(self, dataset):
+        self.dataset, self.rendered = dataset, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def batch(self, indices):
+        self.rendered += len(indices)
+        return self.dataset.batch(indices)
+
+
+def _assert_same_batch(cached, fresh):
+    assert set(fresh) - set(cached) == {"vertices", "neutral"}
+    for key, value in cached.items():
+        if torch.is_tensor(value):
+            assert value.dtype == fresh[key].dtype and torch.equal(value, fresh[key]), key
+        else:
+            assert value == fresh[key], key
+
+
+def test_cached_faces_return_the_same_batches_and_render_each_sample_once(train_set):
+    counting = _CountingFaces(train_set)
+    cached = data.CachedFaces(counting, max_mb=64)
+    for indices in ([5, 0, 9], [9, 5, 5, 1], [0, 1, 9, 5]):
+        _assert_same_batch(cached.batch(indices), train_set.batch(indices))
+    assert counting.rendered == 4  # 5, 0, 9, then 1
+    assert len(cached) == len(train_set) and len(cached.samples) == 4
+
+
+def test_cached_faces_over_budget_draw_fresh(train_set):
+    counting = _CountingFaces(train_set)
+    cached = data.CachedFaces(counting, max_mb=0)
+    for _ in range(2):
+        _assert_same_batch(cached.batch([2, 3]), train_set.batch([2, 3]))
+    assert counting.rendered == 4 and cached.bytes == 0 and not cached.samples
+    with pytest.raises(ValueError, match="max_mb"):
+        data.CachedFaces(train_set, max_mb=-1)
+
+
 @settings(max_examples=12)
 @given(index=st.integers(0, 49))
 def test_occlusion_mask_is_exactly_the_pasted_pixels(train_set, index):

@@ -210,13 +210,14 @@ def test_network_options_reach_the_encoder(face_model):
 def test_train_occluded_sets_the_share_of_occluded_training_faces(face_model, stage):
     for share in (0.0, 1.0):
         cfg = dataclasses.replace(TINY, train_occluded=share)
-        dataset, _ = train.stage_data(stage, cfg, face_model)
+        cached, _ = train.stage_data(stage, cfg, face_model)
+        dataset = cached.dataset  # the training data kept in memory (data.CachedFaces)
         assert dataset.subset == "train" and dataset.ranges.occluded == share
         occluders = dataset.batch(list(range(12)))["occluders"]
         assert all(o == "" for o in occluders) if share == 0.0 else all(occluders)
     # R_syn's faces stay unoccluded whatever the share
-    prior, _ = train.stage_data("prior", dataclasses.replace(TINY, train_occluded=1.0),
-                                face_model)
+    prior, _ = train.stage_data("prior", dataclasses.replace(TINY, train_occluded=1.0,
+                                                            data_cache_mb=0), face_model)
     assert prior.subset == "unoccluded"
 
 
@@ -499,6 +500,38 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
     with open(os.path.join(killed, "log.csv")) as f:
         killed_steps = [r.split(",")[:3] for r in f.read().splitlines()]
     assert straight_steps == killed_steps
+
+
+def test_data_cache_changes_no_number(tmp_path, face_model):
+    """The in-memory cache only saves rendering: a stage trains to the same weights."""
+    states = []
+    for cache in (0, 64):
+        cfg = dataclasses.replace(TINY, data_cache_mb=cache, train_length=6, init_ae_steps=8,
+                                  init_seg_steps=0)
+        run_dir = str(tmp_path / f"cache{cache}")
+        train.prepare_run_dir(run_dir, cfg)
+        train.train_stage("init", run_dir, cfg, face_model=face_model)
+        states.append(_weights(run_dir, "init"))
+    _assert_same_state(*states)
+
+
+@pytest.mark.parametrize("stage", ["init", "em", "prior"])
+def test_cosine_schedule_runs_each_network_from_lr_to_zero(face_model, stage):
+    cfg = dataclasses.replace(TINY, lr_schedule="cosine", init_seg_steps=3, em_steps=9)
+    autoencoder, segmenter = train.build_models(cfg, face_model)
+    optimizers = train.make_optimizers(stage, autoencoder, segmenter, cfg)
+    steps = train.phase_steps(stage, cfg)
+    assert sum(steps.values()) == train.stage_steps(stage, cfg)
+    assert set(steps) == set(optimizers)
+    for phase, (optimizer, schedule) in optimizers.items():
+        lr = cfg.lr * (cfg.seg_lr_factor if phase != "autoencoder" else 1.0)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+        for _ in range(steps[phase]):
+            optimizer.step()
+            schedule.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12), phase
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train.make_config("tiny", lr_schedule="linear")
 
 
 def test_truncate_log_drops_later_rows_and_a_cut_row(tmp_path):
