@@ -9,7 +9,8 @@ default data is synthetic, rendered by our own face model and renderer, with the
 the paper's metrics need (masks, shapes) known exactly.
 
 1. `SyntheticFaces`: theta from the prior with configurable ranges (`Ranges`: the poses of
-   5-point-aligned crops, up to 30 degrees of yaw and +-20 mm of depth; expression, albedo,
+   5-point-aligned crops, up to 30 degrees of yaw and +-20 mm of depth, optionally also
+   their placement (`align_pose`); expression, albedo,
    soft and harsh one-sided light), rendered over varied
    backgrounds, then unexplainable face parts (make-up, beard, pigment, specular highlights:
    outliers that still count as face) and occluders pasted with exact binary masks, in
@@ -118,7 +119,9 @@ MASK_SUFFIX = "_visible_skin_mask.png"
 class Ranges:
     """The synthetic distribution; every field is a keyword option of `SyntheticFaces`.
 
-    Pose angles are uniform in [-max, max] degrees; translations uniform in [-max, max] mm;
+    Pose angles are uniform in [-max, max] degrees; translations uniform in [-max, max] mm,
+    around the place where a 5-point alignment puts the face (`aligned`, see `align_pose`) or
+    around the model origin;
     shape and albedo coefficients N(0, std^2) in the model's std units. Landmarks are the
     projected landmark vertices plus `landmark_noise`; those that fall on an occluder drift as
     a real detector's do (`drift_landmarks`): `landmark_pull` of the way towards the
@@ -133,7 +136,10 @@ class Ranges:
     yaw: float = 30.0  # degrees, max |yaw|
     pitch: float = 15.0  # degrees, max |pitch|
     roll: float = 10.0  # degrees, max |roll|
-    shift: float = 10.0  # mm, max |tx|, |ty| (about 10 px at 224)
+    # where the face sits: around the model origin on the optical axis (default), or
+    # `aligned` as a 5-point-aligned crop has it (`align_pose`; measured in docs/levers.md)
+    aligned: bool = False
+    shift: float = 10.0  # mm, max |tx|, |ty| around that place (about 10 px at 224)
     depth: float = 20.0  # mm, max |tz| (about +-2% scale)
     id_std: float = 1.0  # alpha_id ~ N(0, id_std^2)
     exp_std: float = 0.7  # alpha_exp ~ N(0, exp_std^2)
@@ -156,6 +162,8 @@ class Ranges:
                 raise ValueError(f"range {f.name} must be finite and >= 0, got {value!r}")
             if isinstance(value, tuple) and (len(value) != 2 or value[0] > value[1]):
                 raise ValueError(f"range {f.name} must be (low, high) with low <= high, got {value!r}")
+        if not isinstance(self.aligned, bool):
+            raise ValueError(f"aligned must be True or False, got {self.aligned!r}")
         for name in ("harsh", "occluded", "unexplainable"):
             if getattr(self, name) > 1:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
@@ -209,6 +217,36 @@ def sample_theta(rng: np.random.Generator, ranges: Ranges) -> torch.Tensor:
                      rng.uniform(-r.shift, r.shift), rng.uniform(-r.shift, r.shift),
                      rng.uniform(-r.depth, r.depth)])
     return torch.from_numpy(np.concatenate([id_, exp, albedo, sh.reshape(-1), pose])).float()  # (257,)
+
+
+def align_pose(theta: torch.Tensor, vertices: torch.Tensor, landmark_ids: torch.Tensor) -> torch.Tensor:
+    """Place faces where a 5-point-aligned crop has them (Sec. 4.1: the paper's images are
+    Deep3D's 5-point crops, `alignment_matrix`). That alignment fits Deep3D's 3D template of
+    the five points to the face and puts the template's origin at the crop centre; here the
+    template is fitted (scale and offset, least squares) to the face's own five points in
+    model space, and the pose's tx, ty move its origin onto the optical axis, plus the drawn
+    shift (tx, ty of theta). The encoder then sees faces placed as in aligned photos.
+
+    Args:
+        theta: (B, 257), its tx, ty the shift around the aligned place, mm.
+        vertices: (B, V, 3) model-space shapes of theta.
+        landmark_ids: (68,) landmark vertex indices.
+    Returns:
+        (B, 257) theta with tx, ty replaced.
+    """
+    points = vertices[:, landmark_ids]  # (B, 68, 3)
+    five = torch.stack([points[:, [36, 39]].mean(1), points[:, [42, 45]].mean(1),
+                        points[:, 30], points[:, 48], points[:, 54]], dim=1)  # (B, 5, 3)
+    template = torch.as_tensor(DEEP3D_LM3D, dtype=theta.dtype, device=theta.device)  # (5, 3)
+    # P ~ s X + o: s = <P - mean P, X - mean X> / |X - mean X|^2, o = mean P - s mean X
+    P, X = five - five.mean(1, keepdim=True), template - template.mean(0)  # (B, 5, 3), (5, 3)
+    scale = (P * X).sum(dim=(1, 2)) / X.pow(2).sum()  # (B,)
+    origin = five.mean(1) - scale[:, None] * template.mean(0)  # (B, 3)
+    pose = theta[:, -6:]  # (B, 6)
+    rotation = renderer.euler_rotation(pose[:, :3])  # (B, 3, 3)
+    # t_xy = -(R o)_xy + shift: the posed origin on the optical axis, then shifted
+    shift = pose[:, 3:5] - (rotation @ origin[:, :, None])[:, :2, 0]  # (B, 2)
+    return torch.cat([theta[:, :-6], pose[:, :3], shift, pose[:, 5:]], dim=1)  # (B, 257)
 
 
 # ----------------------------------------------------------------------------- drawing helpers
@@ -969,6 +1007,10 @@ class SyntheticFaces(torch.utils.data.Dataset):
             # one sample at a time, so a sample's numbers do not depend on its batch
             rows = [slice(b, b + 1) for b in range(len(indices))]
             vertices = torch.cat([model.vertices(parts.id[r], parts.exp[r]) for r in rows])  # (B, V, 3)
+            if self.ranges.aligned:
+                theta = torch.cat([align_pose(theta[r], vertices[r], model.landmarks)
+                                   for r in rows])  # (B, 257)
+                parts = bfm.split_theta(theta)
             neutral = torch.cat([model.vertices(parts.id[r], torch.zeros_like(parts.exp[r])) for r in rows])
             albedo = torch.cat([model.albedo(parts.albedo[r]) for r in rows])  # (B, V, 3)
             rendered = renderer.render(vertices, albedo, parts.sh, parts.pose, model.triangles,

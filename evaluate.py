@@ -71,6 +71,7 @@ SUBSETS = ("unoccluded", "glasses", "scarf", "hand", "random")
 OCCLUDED = ("glasses", "scarf", "hand", "random")
 EVAL_SEED = 5_000  # training uses cfg.seed (0), the prior 1,000 and 2,000, previews 3,000
 SKIN_SEED = 4_000  # the faces the skin-colour model is fitted on
+VALIDATION_SEED = 7_000  # faces to choose settings on (docs/levers.md); never EVAL_SEED's
 METRICS = ("ACC", "PPV", "TPR", "F1")
 
 
@@ -284,13 +285,14 @@ def find_prior(run_dirs: List[str]) -> Optional[str]:
 
 
 def test_sets(face_model, size: int, count: int, *, seed: int = EVAL_SEED,
-              subsets=SUBSETS) -> Dict[str, dict]:
-    """Held-out synthetic faces per subset: the tensors evaluation needs, on the CPU."""
+              subsets=SUBSETS, aligned: bool = False) -> Dict[str, dict]:
+    """Held-out synthetic faces per subset: the tensors evaluation needs, on the CPU
+    (`aligned`: placed as the run's training faces, `data.Ranges.aligned`)."""
     keep = ("image", "landmarks", "theta", "neutral", "visible_face", "region", "occlusion")
     sets = {}
     for subset in subsets:
         faces = data.SyntheticFaces(face_model=face_model, size=size, length=count, seed=seed,
-                                    subset=subset)
+                                    subset=subset, aligned=aligned)
         batches = [faces.batch(list(range(i, min(i + 32, count)))) for i in range(0, count, 32)]
         sets[subset] = {k: torch.cat([b[k] for b in batches]) for k in keep}
     return sets
@@ -648,10 +650,10 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
     cfgs = {r: train.read_config(r) for r in run_dirs}
     reference = cfgs[run_dirs[0]]
     for r, cfg in cfgs.items():
-        if (cfg.face_model, cfg.image_size) != (reference.face_model, reference.image_size):
-            raise train.RunError(f"{r} uses face model {cfg.face_model!r} at {cfg.image_size} px,"
-                                 f" {run_dirs[0]} {reference.face_model!r} at "
-                                 f"{reference.image_size} px: evaluate them separately")
+        mine, theirs = ((c.face_model, c.image_size, c.aligned_faces) for c in (cfg, reference))
+        if mine != theirs:
+            raise train.RunError(f"{r} uses face model, size, aligned faces {mine}, {run_dirs[0]}"
+                                 f" {theirs}: evaluate them separately")
     face_model = bfm.load_face_model(reference.face_model)
     prior_path = find_prior(run_dirs)
     prior = torch.load(prior_path, weights_only=True)["E_MP"] if prior_path else None
@@ -659,7 +661,8 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
     tic = time.perf_counter()
     print(f"test sets: {count} faces x {len(subsets)} subsets at {reference.image_size} px ...",
           flush=True)
-    sets = test_sets(face_model, reference.image_size, count, subsets=subsets)
+    sets = test_sets(face_model, reference.image_size, count, subsets=subsets,
+                     aligned=reference.aligned_faces)
     skin_model = (fit_skin_model(face_model, reference.image_size)
                   if any(m.mask == "skin" for m in methods) else None)
     loaded = {}  # (run dir, stage) -> (cfg, R, S): several rows share a checkpoint
@@ -782,7 +785,28 @@ def diagnose(autoencoder, faces: dict, *, xi: float = 0.17, batch_size: int = 32
     result = {group: {name: cat([p[group][name] for p in parts]) for name in parts[0][group]}
               for group in ("rmse", "errors", "shape", "f1")}
     result["landmarks_px"] = cat([p["landmarks_px"] for p in parts])
+    result["pose"] = {name: cat([p["pose"][name] for p in parts]) for name in ("R", "true")}
     return result
+
+
+POSE_NAMES = ("pitch", "yaw", "roll", "tx", "ty", "tz")
+
+
+def pose_spread(pose: dict) -> Dict[str, dict]:
+    """Per pose number: the spread (std) of the truth and of R's predictions, and their
+    correlation. A predicted spread well below the truth's with a high correlation is an
+    output that points the right way but is shrunk (it has not yet grown to its range).
+
+    Args:
+        pose: {"R": (N, 6), "true": (N, 6)} numpy arrays, angles in radians, shifts in mm.
+    """
+    out = {}
+    for k, name in enumerate(POSE_NAMES):
+        r, t = pose["R"][:, k], pose["true"][:, k]
+        both = r.std() > 0 and t.std() > 0
+        out[name] = {"true_std": float(t.std()), "R_std": float(r.std()),
+                     "correlation": float(np.corrcoef(r, t)[0, 1]) if both else float("nan")}
+    return out
 
 
 def _diagnose_batch(autoencoder, batch: dict, *, xi: float) -> dict:
@@ -811,7 +835,7 @@ def _diagnose_batch(autoencoder, batch: dict, *, xi: float) -> dict:
     # mean distance of the 68 landmarks from their noise-free projection, px
     landmarks = (out.landmarks - outputs["true"].landmarks).norm(dim=-1).mean(dim=1)  # (B,)
     return {"rmse": rmse, "errors": theta_errors(predicted, true), "shape": shape, "f1": f1,
-            "landmarks_px": landmarks}
+            "landmarks_px": landmarks, "pose": {"R": predicted.pose, "true": true.pose}}
 
 
 def diagnosis_markdown(result: dict, title: str) -> str:
@@ -834,17 +858,25 @@ def diagnosis_markdown(result: dict, title: str) -> str:
     lines += [f"| {row} | {m(v):.3f} |" for row, v in result["shape"].items()]
     lines += ["", "| mask on R's render | F1 |", "|---|---:|"]
     lines += [f"| {row} | {m(v):.3f} |" for row, v in result["f1"].items()]
+    lines += ["", "| pose (rad, mm) | spread of the truth | spread of R | correlation |",
+              "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {v['true_std']:.3f} | {v['R_std']:.3f} | {v['correlation']:.2f} |"
+              for name, v in pose_spread(result["pose"]).items()]
     return "\n".join(lines) + "\n"
 
 
 def diagnose_run(run_dir: str, *, stage: str = "em", count: int = 64, out: str = "results",
-                 subsets=("unoccluded", "random"), device: str = "cpu") -> str:
-    """`diagnose` R of a run's finished `stage` on held-out faces of `subsets`; writes
+                 subsets=("unoccluded", "random"), device: str = "cpu",
+                 seed: int = EVAL_SEED) -> str:
+    """`diagnose` R of a run's finished `stage` on held-out faces of `subsets` drawn with
+    `seed` (the test faces by default; `VALIDATION_SEED` to choose settings); writes
     diagnosis.md and diagnosis.json to `out` and returns the markdown."""
     cfg, autoencoder, _ = train.load_models(run_dir, stage=stage, device=device)
     face_model = autoencoder.face_model
-    sets = test_sets(face_model, cfg.image_size, count, subsets=subsets)
-    parts, numbers = [f"## Diagnosis of R: {run_dir} ({stage}), {count} faces per subset", ""], {}
+    sets = test_sets(face_model, cfg.image_size, count, subsets=subsets, seed=seed,
+                     aligned=cfg.aligned_faces)
+    parts, numbers = [f"## Diagnosis of R: {run_dir} ({stage}), {count} faces per subset, "
+                      f"seed {seed}", ""], {}
     for subset, faces in sets.items():
         result = diagnose(autoencoder, faces, xi=cfg.xi)
         parts.append(diagnosis_markdown(result, subset))
@@ -852,14 +884,15 @@ def diagnose_run(run_dir: str, *, stage: str = "em", count: int = 64, out: str =
                            "errors": {k: float(np.nanmean(v)) for k, v in result["errors"].items()},
                            "landmarks_px": float(np.nanmean(result["landmarks_px"])),
                            "shape": {k: float(np.nanmean(v)) for k, v in result["shape"].items()},
-                           "f1": {k: float(np.nanmean(v)) for k, v in result["f1"].items()}}
+                           "f1": {k: float(np.nanmean(v)) for k, v in result["f1"].items()},
+                           "pose": pose_spread(result["pose"])}
     markdown = "\n".join(parts)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "diagnosis.md"), "w") as f:
         f.write(markdown)
     with open(os.path.join(out, "diagnosis.json"), "w") as f:
-        json.dump({"run": run_dir, "stage": stage, "count": count, "subsets": numbers}, f,
-                  indent=1)
+        json.dump({"run": run_dir, "stage": stage, "count": count, "seed": seed,
+                   "subsets": numbers}, f, indent=1)
     return markdown
 
 
@@ -899,7 +932,8 @@ def sweep(run_dirs: List[str], *, out: str = "results", count: int = 50, device:
                              "reference) in a single eta")
     reference = cfgs[references[0]]
     model = bfm.load_face_model(reference.face_model)
-    sets = test_sets(model, reference.image_size, count, subsets=subsets)
+    sets = test_sets(model, reference.image_size, count, subsets=subsets,
+                     aligned=reference.aligned_faces)
     points = []
     for run_dir in run_dirs:
         setting = swept_setting(cfgs[run_dir], reference)
@@ -970,7 +1004,7 @@ def compare_fitting(run_dir: str, *, count: int = 8, subsets=SUBSETS, steps: int
     import fit as fitting
     cfg, autoencoder, segmenter = train.load_models(run_dir, stage="em", device=device)
     model = autoencoder.face_model
-    sets = test_sets(model, cfg.image_size, count, subsets=subsets)
+    sets = test_sets(model, cfg.image_size, count, subsets=subsets, aligned=cfg.aligned_faces)
     focus_method = Method("FOCUS", run_dir, "em", "segmenter")
     raw = {"FOCUS (one forward pass)": evaluate_method(
         focus_method, sets, prior=None, skin_model=None, device=device,
@@ -1064,12 +1098,16 @@ def diagnose_main(argv: list) -> None:
                         choices=SUBSETS)
     parser.add_argument("--out", default="results")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--validation", action="store_true",
+                        help=f"faces of the validation seed {VALIDATION_SEED} (to choose "
+                             f"settings on) instead of the test seed {EVAL_SEED}")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be >= 1")
     try:
         print(diagnose_run(args.run, stage=args.stage, count=args.count, out=args.out,
-                           subsets=tuple(args.subsets), device=args.device))
+                           subsets=tuple(args.subsets), device=args.device,
+                           seed=VALIDATION_SEED if args.validation else EVAL_SEED))
     except train.RunError as error:
         sys.exit(f"error: {error}")
     print(f"wrote {args.out}/diagnosis.md and diagnosis.json")

@@ -125,6 +125,7 @@ class Config:
     image_size: int = 64  # H = W; paper 224 (Sec. 4.1)
     train_length: int = 20_000  # synthetic training faces (distinct indices)
     train_occluded: float = 0.8  # share of synthetic training faces with an occluder
+    aligned_faces: bool = False  # synthetic faces placed as 5-point crops (data.align_pose)
     batch_size: int = 16  # paper 12 (Supp. A.2)
     # networks
     encoder_width: int = 16  # ResNet-50 width multiplier base; paper 64 (Sec. 4.1)
@@ -318,7 +319,7 @@ def make_dataset(cfg: Config, face_model: bfm.MorphableModel, *, seed: int, subs
     if cfg.data == "synthetic":
         return data.SyntheticFaces(face_model=face_model, size=cfg.image_size,
                                    length=length or cfg.train_length, seed=seed, subset=subset,
-                                   **ranges)
+                                   aligned=cfg.aligned_faces, **ranges)
     if not os.path.isdir(cfg.data):
         raise RunError(f"--data must be 'synthetic' or a folder of images with landmarks.csv, "
                        f"got {cfg.data!r} (no such folder)")

@@ -333,6 +333,56 @@ def test_ranges_bound_theta(toy):
     assert bfm.split_theta(theta).exp.abs().max() == 0
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), shift=st.floats(0.0, 5.0))
+def test_align_pose_puts_the_template_origin_on_the_axis_plus_the_shift(toy, seed, shift):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(3, 257, generator=g) * 0.5
+    theta[:, -6:-3] = (torch.rand(3, 3, generator=g) - 0.5)  # angles up to +-0.5 rad
+    theta[:, -3:-1] = shift * (2 * torch.rand(3, 2, generator=g) - 1)  # the drawn shift
+    parts = bfm.split_theta(theta)
+    vertices = toy.vertices(parts.id, parts.exp)  # (3, V, 3)
+    aligned = data.align_pose(theta, vertices, toy.landmarks)
+    # only tx, ty change
+    assert torch.equal(aligned[:, :-3], theta[:, :-3]) and torch.equal(aligned[:, -1], theta[:, -1])
+    # the template fitted by brute force: the scale minimising the squared distance
+    for b in range(3):
+        lm = vertices[b, toy.landmarks].double().numpy()
+        five = np.stack([lm[[36, 39]].mean(0), lm[[42, 45]].mean(0), lm[30], lm[48], lm[54]])
+        scales = np.linspace(0, 400, 40001)
+        costs = [np.sum((five - five.mean(0) - s * (data.DEEP3D_LM3D - data.DEEP3D_LM3D.mean(0))) ** 2)
+                 for s in scales[::100]]
+        best = scales[::100][int(np.argmin(costs))]
+        origin = five.mean(0) - best * data.DEEP3D_LM3D.mean(0)  # (3,)
+        posed = renderer.rigid_transform(torch.tensor(origin, dtype=torch.float32)[None, None],
+                                         bfm.split_theta(aligned[b:b + 1]).pose)[0, 0]  # (3,)
+        # on the axis up to the shift (and the coarse scale grid: 1 unit = 1 mm per 100 mm)
+        assert torch.allclose(posed[:2], theta[b, -3:-1], atol=0.5), (posed, theta[b, -3:-1])
+
+
+def test_aligned_faces_are_already_aligned_crops(toy):
+    """The 5-point alignment of real photos (`alignment_matrix`) hardly moves an aligned
+    synthetic face: the synthetic faces sit where the real crops put faces."""
+    faces = data.SyntheticFaces(face_model=toy, size=224, length=16, seed=2, subset="unoccluded",
+                                aligned=True, shift=0.0, landmark_noise=0.0)
+    batch = faces.batch(list(range(16)))
+    moves = []
+    for landmarks in batch["landmarks"].numpy():
+        M = data.alignment_matrix(landmarks, size=224)
+        centroid = data.five_points(landmarks).mean(0)  # (2,)
+        moves.append(M[:, :2] @ centroid + M[:, 2] - centroid)  # where the crop moves it, px
+    moves = np.array(moves)  # (16, 2)
+    # px at 224: the alignment's affine camera against the renderer's perspective
+    assert np.abs(moves.mean(0)).max() < 1.0 and np.abs(moves).max() < 5.0, moves
+    # without alignment the faces spread over the drawn shift (+-10 mm, about +-10 px)
+    loose = data.SyntheticFaces(face_model=toy, size=224, length=16, seed=2, subset="unoccluded",
+                                landmark_noise=0.0)  # the default
+    tx = bfm.split_theta(loose.batch(list(range(16)))["theta"]).pose[:, 3]
+    assert tx.abs().max() > 5.0 and tx.abs().max() <= 10.0
+    with pytest.raises(ValueError, match="aligned"):
+        data.SyntheticFaces(face_model=toy, size=64, length=1, aligned=0.5)
+
+
 def test_harsh_light_is_one_sided(toy):
     harsh = data.SyntheticFaces(face_model=toy, size=SIZE, length=6, harsh=1.0, yaw=0.0, roll=0.0,
                                 unexplainable=0.0, subset="unoccluded").batch(range(6))

@@ -319,6 +319,20 @@ def test_diagnose_of_a_fresh_encoder_predicts_the_mean_face(small_faces):
     assert markdown.startswith("### unoccluded") and "| only pose predicted |" in markdown
     assert "| identity (RMS) |" in markdown and "| Mean face |" in markdown
     assert "| Whole region |" in markdown and "| light tint L_mono" in markdown
+    assert "| yaw |" in markdown and result["pose"]["R"].shape == (faces["image"].shape[0], 6)
+
+
+def test_pose_spread_tells_a_shrunk_output_from_a_right_one():
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(200, 6))
+    spread = evaluate.pose_spread({"R": 0.2 * true, "true": true})  # right way, too small
+    for name in evaluate.POSE_NAMES:
+        assert spread[name]["correlation"] == pytest.approx(1.0)
+        assert spread[name]["R_std"] == pytest.approx(0.2 * spread[name]["true_std"])
+    noise = evaluate.pose_spread({"R": rng.normal(size=(200, 6)), "true": true})
+    assert all(abs(v["correlation"]) < 0.3 for v in noise.values())
+    constant = evaluate.pose_spread({"R": np.zeros((200, 6)), "true": true})
+    assert all(v["R_std"] == 0 and np.isnan(v["correlation"]) for v in constant.values())
 
 
 # ---------------------------------------------------------------------------- a tiny run
@@ -480,13 +494,22 @@ def test_diagnose_cli_writes_markdown_and_json(tiny_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "wrote" in printed and "diagnosis.md" in printed
     markdown = (out / "diagnosis.md").read_text()
-    assert markdown.startswith(f"## Diagnosis of R: {focus_dir} (init), 2 faces per subset")
+    assert markdown.startswith(f"## Diagnosis of R: {focus_dir} (init), 2 faces per subset, "
+                               f"seed {evaluate.EVAL_SEED}")
     assert "### unoccluded" in markdown and "### random" in markdown
     result = json.loads((out / "diagnosis.json").read_text())
     assert result["run"] == focus_dir and result["stage"] == "init" and result["count"] == 2
     assert list(result["subsets"]) == ["unoccluded", "random"]
     numbers = result["subsets"]["random"]
-    assert set(numbers) == {"rmse", "errors", "landmarks_px", "shape", "f1"}
+    assert set(numbers) == {"rmse", "errors", "landmarks_px", "shape", "f1", "pose"}
+    assert set(numbers["pose"]) == set(evaluate.POSE_NAMES)
+    # --validation: other faces, named in the header and the JSON
+    evaluate.main(["diagnose", "--run", focus_dir, "--stage", "init", "--count", "2",
+                   "--out", str(out), "--validation"])
+    validation = json.loads((out / "diagnosis.json").read_text())
+    assert validation["seed"] == evaluate.VALIDATION_SEED != result["seed"]
+    assert validation["subsets"]["random"]["rmse"] != numbers["rmse"]
+    assert f"seed {evaluate.VALIDATION_SEED}" in (out / "diagnosis.md").read_text()
     assert all(math.isfinite(v) for v in numbers["rmse"].values())
     assert set(numbers["rmse"]) == {"predicted", "true", *(f"{g} true" for g in evaluate.GROUPS),
                                     *(f"only {g} predicted" for g in evaluate.GROUPS)}
