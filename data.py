@@ -640,6 +640,37 @@ def _occluder(rng, family: str, image: torch.Tensor, scene: _Scene):
     return draw(rng, image, scene)
 
 
+def paste_occluder(image: torch.Tensor, landmarks: torch.Tensor, region: torch.Tensor,
+                   vertices: torch.Tensor, landmark_ids: torch.Tensor, pose: torch.Tensor,
+                   family: str, *, seed: int, noise: float = 0.01):
+    """Paste one occluder of `family` (`OCCLUDERS`) on any face image, a photo included,
+    placed as on the synthetic faces: from the face's 68 landmarks and a 3D fit of it (its
+    vertices, pose and rendered region, e.g. from `fit.fit` on the clean image).
+
+    Args:
+        image: (3, H, W) in [0, 1].
+        landmarks: (68, 2) px.
+        region: (1, H, W) the fitted face's rendered region.
+        vertices: (V, 3) the fitted model-space shape; landmark_ids (68,) its landmark ids.
+        pose: (6,) the fitted pose.
+        seed: the occluder's random draw.
+    Returns:
+        (occluded image (3, H, W), occluder mask (1, H, W) float in {0, 1}).
+    """
+    if family not in OCCLUDERS:
+        raise ValueError(f"family must be one of {OCCLUDERS}, got {family!r}")
+    H, W = image.shape[-2:]
+    image, region = image.detach().float().cpu(), region.detach().float().cpu()
+    rng = np.random.default_rng(seed)
+    scene = _Scene(_face_frame(landmarks.detach().cpu(), image, region), _canvas(H, W, "cpu"),
+                   region, vertices.detach().float().cpu(), landmark_ids.cpu(),
+                   pose.detach().float().cpu(), _texture_kinds("procedural"))
+    mask, colour = _occluder(rng, family, image, scene)
+    g = torch.Generator().manual_seed(seed)
+    colour = (colour + noise * torch.randn(3, H, W, generator=g)).clamp(0.01, 0.99)
+    return torch.where(mask, colour, image), mask[None].float()
+
+
 def _glasses(rng, image, scene: _Scene, *, sun: bool):
     """Glasses (frame only) or sunglasses (dark lenses), built in 3D in front of the eyes
     and projected with the sample's pose."""

@@ -544,12 +544,15 @@ def tables_markdown(rows: Dict[str, dict], tests: Dict[str, dict], info: dict) -
 # figures
 # ----------------------------------------------------------------------------------------------
 
-def _overlay(images: torch.Tensor, rendered: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+def render_over(images: torch.Tensor, rendered: torch.Tensor,
+                region: torch.Tensor) -> torch.Tensor:
+    """The render pasted over the images inside its region: (B, 3, H, W)."""
     return images * (1 - region) + rendered.clamp(0, 1) * region
 
 
-def _tinted(images: torch.Tensor, mask: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Pixels of the rendered region the (rounded) mask rejects, tinted red."""
+def outliers_in_red(images: torch.Tensor, mask: torch.Tensor,
+                    region: torch.Tensor) -> torch.Tensor:
+    """Pixels of the rendered region the (rounded) mask rejects, tinted red: (B, 3, H, W)."""
     outlier = region * (mask < 0.5).to(images.dtype)  # (B, 1, H, W)
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     return images * (1 - 0.6 * outlier) + 0.6 * outlier * red
@@ -570,10 +573,10 @@ def figure_qualitative(path: str, methods: List[Method], sets: Dict[str, dict], 
             method, images.to(device), autoencoder, segmenter, cfg, skin_model).items()}
         if method.mask in (None, "segmenter") and method.label != "Pretrained":
             columns.append((f"{method.label}\nreconstruction",
-                            _overlay(images, pred["image"], pred["region"])))
+                            render_over(images, pred["image"], pred["region"])))
         if pred["mask"] is not None:
             columns.append((f"{method.label}\noutliers (red)",
-                            _tinted(images, pred["mask"], pred["region"])))
+                            outliers_in_red(images, pred["mask"], pred["region"])))
     rows = images.shape[0]
     fig = Figure(figsize=(1.2 * len(columns), 1.2 * rows + 0.6))
     axes = fig.subplots(rows, len(columns), squeeze=False)
@@ -789,6 +792,44 @@ def diagnose(autoencoder, faces: dict, *, xi: float = 0.17, batch_size: int = 32
     return result
 
 
+SHRINK_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+
+
+def loss_towards_truth(autoencoder, faces: dict, cfg, *, scales=SHRINK_SCALES,
+                       batch_size: int = 32) -> Dict[float, float]:
+    """Is the truth the minimum of the training loss? L_R (Eq. 8, with `cfg`'s weights and
+    pixel form, every rendered pixel kept, no F) at the true theta with its identity,
+    expression and albedo coefficients scaled by s, for each s in `scales`. A minimum below
+    s = 1 means the loss itself pulls R towards the mean face, whatever the training does.
+
+    Args:
+        autoencoder: gives the face model and decoder.
+        faces: "image", "theta", "landmarks" as `test_sets` holds them.
+        cfg: a `train.Config` (lambda_pixel, lambda_lm, lambda_reg, pixel_form).
+    Returns:
+        {s: L_R over the faces} (the batches' L_R, weighted by their number of faces).
+    """
+    device, model = autoencoder.face_model.mean_shape.device, autoencoder.face_model
+    totals, count = {s: 0.0 for s in scales}, 0
+    with torch.no_grad():
+        for first in range(0, faces["image"].shape[0], batch_size):
+            images, lm_target, theta = (faces[k][first:first + batch_size].to(device)
+                                        for k in ("image", "landmarks", "theta"))
+            true, H, W = bfm.split_theta(theta), images.shape[-2], images.shape[-1]
+            for s in scales:
+                scaled = true._replace(id=s * true.id, exp=s * true.exp, albedo=s * true.albedo)
+                out = autoencoder.decode(scaled, height=H, width=W)
+                loss, _ = losses.autoencoder_loss(
+                    images, out.image, torch.ones_like(out.region), out.region,
+                    lm_target=lm_target, lm_pred=out.landmarks, lm_weights=model.landmark_weights,
+                    coefficients=(scaled.id, scaled.exp, scaled.albedo),
+                    pixel_form=cfg.pixel_form, lambda_pixel=cfg.lambda_pixel,
+                    lambda_lm=cfg.lambda_lm, lambda_reg=cfg.lambda_reg)
+                totals[s] += loss.item() * images.shape[0]
+            count += images.shape[0]
+    return {s: total / count for s, total in totals.items()}
+
+
 POSE_NAMES = ("pitch", "yaw", "roll", "tx", "ty", "tz")
 
 
@@ -879,13 +920,19 @@ def diagnose_run(run_dir: str, *, stage: str = "em", count: int = 64, out: str =
                       f"seed {seed}", ""], {}
     for subset, faces in sets.items():
         result = diagnose(autoencoder, faces, xi=cfg.xi)
+        shrink = loss_towards_truth(autoencoder, faces, cfg)
         parts.append(diagnosis_markdown(result, subset))
+        parts += ["| L_R at the true theta, coefficients x s | "
+                  + " | ".join(f"s = {k:g}" for k in shrink) + " |",
+                  "|---" + "|---:" * len(shrink) + "|",
+                  "| | " + " | ".join(f"{v:.4f}" for v in shrink.values()) + " |", ""]
         numbers[subset] = {"rmse": {k: float(np.nanmean(v)) for k, v in result["rmse"].items()},
                            "errors": {k: float(np.nanmean(v)) for k, v in result["errors"].items()},
                            "landmarks_px": float(np.nanmean(result["landmarks_px"])),
                            "shape": {k: float(np.nanmean(v)) for k, v in result["shape"].items()},
                            "f1": {k: float(np.nanmean(v)) for k, v in result["f1"].items()},
-                           "pose": pose_spread(result["pose"])}
+                           "pose": pose_spread(result["pose"]),
+                           "loss_towards_truth": {str(k): v for k, v in shrink.items()}}
     markdown = "\n".join(parts)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "diagnosis.md"), "w") as f:
@@ -1072,7 +1119,7 @@ def export(run_dir: str, images: str, out: str, *, csv_path: Optional[str] = Non
         bfm.save_obj(os.path.join(out, f"{name}.obj"), result.vertices[0].cpu(),
                      model.triangles.cpu(), result.albedo[0].clamp(0, 1).cpu())
         pictures = {"mask": (mask[0] >= 0.5).float().expand(3, -1, -1),
-                    "recon": _overlay(image, result.image, result.region)[0]}
+                    "recon": render_over(image, result.image, result.region)[0]}
         for kind, picture in pictures.items():
             array = (picture.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round()
             Image.fromarray(array.astype(np.uint8)).save(os.path.join(out, f"{name}_{kind}.png"))

@@ -4,12 +4,14 @@ Before any network, a face is reconstructed by optimising theta directly so that
 image I_R = R(theta) matches the target I_T (paper Sec. 1-2: the optimisation-based methods
 that model-based autoencoders amortise). The loss is the autoencoder's L_R of Eq. 8 (pixel
 term under a mask M, landmarks Eq. 7, regularisation; the perceptual term Eq. 6 optional),
-minimised with Adam after a landmark-only start that finds the pose. Three modes differ only
-in the mask M of the pixel term (Eq. 5):
+minimised with Adam after a landmark-only start that finds the pose (it projects the 68
+landmark vertices and renders nothing). Three modes differ only in the mask M of the pixel
+term (Eq. 5):
 
 - `plain`: M = 1 on every rendered pixel, so occluders drag the fit (MoFA's failure, Fig. 3);
 - `robust`: M = M_pre of Eq. 9-10, re-estimated from the current fit every `mask_every`
-  steps: per-image EM in the spirit of Egger et al. 2018, which FOCUS learns to amortise;
+  steps: per-image EM in the spirit of Egger et al. 2018, which FOCUS learns to amortise
+  (optionally strict at first, `xi_start`, and with a white-light prior, `lambda_mono`);
 - `segmenter`: M = S(I_R, I_T) from a trained FOCUS segmenter, re-estimated the same way.
 
 Conventions: images (B, 3, H, W) in [0, 1]; landmarks (B, 68, 2) pixel coordinates (x right,
@@ -38,6 +40,8 @@ import losses
 import renderer
 
 MODES = ("plain", "robust", "segmenter")
+LAMBDA_PIXEL = 0.5  # lambda_1 of Eq. 8
+LAMBDA_LM = 5e-4  # lambda_3 of Eq. 8
 
 
 def theta_step(dtype=torch.float32, device=None) -> torch.Tensor:
@@ -70,7 +74,9 @@ def render_theta(theta: torch.Tensor, model: bfm.MorphableModel, *, height: int,
 
 def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel, *,
         mode: str = "plain", steps: int = 300, landmark_steps: int = 100, lr: float = 0.03,
-        mask_every: int = 10, xi: float = 0.17, lambda_reg: float = 0.01,
+        mask_every: int = 10, xi: float = 0.17, xi_start: Optional[float] = None,
+        keep_at_least: float = 0.0,
+        lambda_reg: float = 0.01, lambda_mono: float = 0.0,
         segmenter: Optional[torch.nn.Module] = None,
         features: Optional[Callable] = None, snapshot_every: int = 0,
         callback: Optional[Callable[[dict], None]] = None) -> FitResult:
@@ -86,9 +92,19 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
         lr: Adam learning rate on theta / `theta_step`.
         mask_every: re-estimate the mask every this many steps (robust, segmenter).
         xi: threshold of M_pre (Eq. 10), robust mode.
+        xi_start: robust mode: a stricter first threshold, relaxed linearly to `xi` over the
+            first half of the `steps` (None: `xi` throughout). A strict first mask keeps only
+            the pixels the landmark fit already explains, so that an occluder cannot pull
+            the colour and light before the mask finds it.
+        keep_at_least: robust mode: the mask keeps at least this share of the rendered
+            region, its best-fitting pixels, whatever the threshold says (0: M_pre as in
+            Eq. 10). While the colour and light are still far off, no pixel is within xi, and
+            M_pre alone would leave the pixel term nothing to learn them from.
         lambda_reg: weight of L_reg (lambda_4 of Eq. 8). The paper's 0.1 trains a network
             over many images; one image fitted with it stays near the mean face (the image
             error falls 4.7x instead of 7x on tests/test_fit.py's face), so 0.01 here.
+        lambda_mono: weight of the white-light prior L_mono (`losses.light_colour_loss`,
+            Deep3D's), which keeps a tinted light from explaining a coloured occluder.
         segmenter: a trained UNet, forward(rendered, target) -> (B, 1, H, W); segmenter mode.
         features: F as a callable images -> features (adds L_per), or None.
         snapshot_every: keep a render every this many steps for a progress strip (0: none).
@@ -107,6 +123,10 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
         raise ValueError(f"landmarks must be ({B}, 68, 2), got {tuple(landmarks.shape)}")
     if steps < 0 or landmark_steps < 0 or mask_every < 1:
         raise ValueError("steps and landmark_steps must be >= 0, mask_every >= 1")
+    if lambda_mono < 0 or xi <= 0 or (xi_start is not None and xi_start <= 0):
+        raise ValueError("lambda_mono must be >= 0, xi and xi_start > 0")
+    if not 0 <= keep_at_least < 1:
+        raise ValueError(f"keep_at_least is a share in [0, 1), got {keep_at_least}")
     model = model.to(device=image.device)
     adjacency = renderer.vertex_adjacency(model.triangles, model.num_vertices)
     step_scale = theta_step(image.dtype, image.device)  # (257,)
@@ -117,46 +137,96 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
     mask = torch.ones(B, 1, H, W, dtype=image.dtype, device=image.device)
     history, snapshots = [], []
 
+    weights = dict(lm_weights=lm_weights, lambda_reg=lambda_reg, lambda_mono=lambda_mono)
     for step in range(landmark_steps + steps):
         stage = "landmarks" if step < landmark_steps else mode
         theta = free * step_scale  # (B, 257)
-        out = render_theta(theta, model, height=H, width=W, adjacency=adjacency)
-        if stage != "landmarks" and mode != "plain" and (step - landmark_steps) % mask_every == 0:
-            mask = estimate_mask(image, out, mode=mode, xi=xi, segmenter=segmenter)
-        parts = bfm.split_theta(theta)
-        total, terms = losses.autoencoder_loss(
-            image, out.image, mask, out.region, lm_target=landmarks, lm_pred=out.landmarks,
-            lm_weights=lm_weights, coefficients=(parts.id, parts.exp, parts.albedo),
-            features=None if stage == "landmarks" else features,
-            lambda_pixel=0.0 if stage == "landmarks" else 0.5, lambda_reg=lambda_reg)
+        parts, out, kept = bfm.split_theta(theta), None, 1.0
+        if stage == "landmarks":
+            # the pixel term is off: project the 68 landmark vertices, render nothing
+            total, terms = landmark_stage_loss(parts, model, landmarks, height=H, width=W,
+                                               **weights)
+        else:
+            out = render_theta(theta, model, height=H, width=W, adjacency=adjacency)
+            if mode != "plain" and (step - landmark_steps) % mask_every == 0:
+                threshold = relaxed_xi(step - landmark_steps, steps, xi=xi, xi_start=xi_start)
+                mask = estimate_mask(image, out, mode=mode, xi=threshold, segmenter=segmenter,
+                                     keep_at_least=keep_at_least)
+            total, terms = losses.autoencoder_loss(
+                image, out.image, mask, out.region, lm_target=landmarks, lm_pred=out.landmarks,
+                coefficients=(parts.id, parts.exp, parts.albedo), features=features,
+                lambda_pixel=LAMBDA_PIXEL, lambda_lm=LAMBDA_LM,
+                sh=parts.sh if lambda_mono > 0 else None, **weights)
+            kept = float((mask * out.region).sum() / out.region.sum().clamp(min=1))
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
 
         row = {"step": step, "stage": stage, "L_R": float(total.detach()),
-               **{k: float(v.detach()) for k, v in terms.items()},
-               "kept": float((mask * out.region).sum() / out.region.sum().clamp(min=1))}
+               **{k: float(v.detach()) for k, v in terms.items()}, "kept": kept}
         history.append(row)
         if callback is not None:
             callback(row)
         if snapshot_every and step % snapshot_every == 0:
+            with torch.no_grad():
+                out = out or render_theta(theta, model, height=H, width=W, adjacency=adjacency)
             snapshots.append((step, composite(out, image).detach()))
 
     with torch.no_grad():
         theta = free * step_scale
         out = render_theta(theta, model, height=H, width=W, adjacency=adjacency)
         if mode != "plain":
-            mask = estimate_mask(image, out, mode=mode, xi=xi, segmenter=segmenter)
+            mask = estimate_mask(image, out, mode=mode, xi=xi, segmenter=segmenter,
+                                 keep_at_least=keep_at_least)
     return FitResult(theta.detach(), out, mask * out.region, history, snapshots)
+
+
+def landmark_stage_loss(parts: bfm.Theta, model: bfm.MorphableModel, landmarks: torch.Tensor, *,
+                        height: int, width: int, lm_weights: torch.Tensor, lambda_reg: float,
+                        lambda_mono: float):
+    """L_R without its pixel term: lambda_3 L_lm + lambda_4 L_reg (+ L_mono), from the 68
+    landmark vertices alone, projected as `renderer.render` projects them (nothing rendered).
+
+    Returns:
+        (scalar loss, dict of the unweighted terms).
+    """
+    vertices = model.vertices(parts.id, parts.exp)[:, model.landmarks]  # (B, 68, 3)
+    world = renderer.rigid_transform(vertices, parts.pose)  # (B, 68, 3)
+    points = renderer.project(renderer.world_to_camera(world), height=height, width=width)
+    terms = {"L_lm": losses.landmark_loss(landmarks, points[..., :2], lm_weights),
+             "L_reg": losses.regularization(parts.id, parts.exp, parts.albedo)}
+    total = LAMBDA_LM * terms["L_lm"] + lambda_reg * terms["L_reg"]
+    if lambda_mono > 0:
+        terms["L_mono"] = losses.light_colour_loss(parts.sh)
+        total = total + lambda_mono * terms["L_mono"]
+    return total, terms
+
+
+def relaxed_xi(step: int, steps: int, *, xi: float, xi_start: Optional[float]) -> float:
+    """The M_pre threshold at robust step `step` of `steps`: `xi_start`, rising linearly to
+    `xi` at half the steps, then `xi` (always `xi` when `xi_start` is None)."""
+    if xi_start is None:
+        return xi
+    progress = min(1.0, step / max(1.0, steps / 2))
+    return xi_start + (xi - xi_start) * progress
 
 
 @torch.no_grad()
 def estimate_mask(image: torch.Tensor, out: renderer.Rendered, *, mode: str, xi: float,
-                  segmenter: Optional[torch.nn.Module]) -> torch.Tensor:
+                  segmenter: Optional[torch.nn.Module], keep_at_least: float = 0.0) -> torch.Tensor:
     """The E-step: the face mask M (B, 1, H, W) for the current fit (no gradient)."""
-    if mode == "robust":
+    if mode != "robust":
+        return segmenter(out.image, image) * out.region
+    if keep_at_least == 0:
         return losses.preliminary_mask(image, out.image, out.region, xi=xi)
-    return segmenter(out.image, image) * out.region
+    # the threshold per image: xi, or the keep_at_least quantile of the residual if larger
+    residual = (image - out.image).pow(2).sum(dim=1, keepdim=True)  # (B, 1, H, W)
+    inside = out.region > 0.5  # (B, 1, H, W)
+    thresholds = [max(xi, float(torch.quantile(r[i], keep_at_least))) if i.any() else xi
+                  for r, i in zip(residual, inside)]
+    threshold = torch.tensor(thresholds, dtype=residual.dtype, device=residual.device)
+    keep = (residual <= threshold.view(-1, 1, 1, 1)) & inside  # (B, 1, H, W)
+    return keep.to(image.dtype)
 
 
 def composite(out: renderer.Rendered, image: torch.Tensor) -> torch.Tensor:
@@ -260,6 +330,14 @@ def main(argv=None) -> FitResult:
                         help="re-estimate the mask every this many steps (robust, segmenter)")
     parser.add_argument("--lambda-reg", type=float, default=0.01,
                         help="weight of L_reg (lambda_4; the paper trains networks with 0.1)")
+    parser.add_argument("--lambda-mono", type=float, default=0.0,
+                        help="weight of the white-light prior L_mono (Deep3D's; 0: off)")
+    parser.add_argument("--keep-at-least", type=float, default=0.0,
+                        help="robust mode: keep at least this share of the face region (its "
+                             "best-fitting pixels) whatever --xi says")
+    parser.add_argument("--xi-start", type=float,
+                        help="robust mode: a stricter first M_pre threshold, relaxed to --xi "
+                             "over the first half of the steps")
     parser.add_argument("--size", type=int, default=224, help="the fitting size (SIZE x SIZE)")
     parser.add_argument("--face-model", default="toy", help="a bfm.load_face_model spec")
     parser.add_argument("--out", default=os.path.join("out", "fit"))
@@ -305,9 +383,13 @@ def main(argv=None) -> FitResult:
         model = bfm.load_face_model(args.face_model)  # after the file checks: it takes a while
     if args.steps < 0 or args.landmark_steps < 0 or args.mask_every < 1 or args.size < 16:
         parser.error("--steps and --landmark-steps must be >= 0, --mask-every >= 1, --size >= 16")
+    if args.lambda_mono < 0 or args.xi <= 0 or (args.xi_start is not None and args.xi_start <= 0):
+        parser.error("--lambda-mono must be >= 0, --xi and --xi-start > 0")
     result = fit(image, landmarks, model, mode=args.mode, steps=args.steps,
                  landmark_steps=args.landmark_steps, segmenter=segmenter, xi=args.xi,
                  mask_every=args.mask_every, lambda_reg=args.lambda_reg,
+                 lambda_mono=args.lambda_mono, xi_start=args.xi_start,
+                 keep_at_least=args.keep_at_least,
                  snapshot_every=max(1, (args.steps + args.landmark_steps) // 8),
                  callback=lambda row: print(
                      f"step {row['step']:4d} {row['stage']:9s} L_R {row['L_R']:.4f} "

@@ -1,6 +1,7 @@
 """Tests of evaluate.py: every metric against a slow twin or a hand-computed case, rigid
 alignment and the skin-colour model by properties, the diagnosis of R with a true-theta and a
 zero encoder, the whole evaluation, the export and the diagnosis CLI on a tiny trained run."""
+import dataclasses
 import json
 import math
 import os
@@ -322,6 +323,31 @@ def test_diagnose_of_a_fresh_encoder_predicts_the_mean_face(small_faces):
     assert "| yaw |" in markdown and result["pose"]["R"].shape == (faces["image"].shape[0], 6)
 
 
+def test_loss_towards_truth_finds_where_the_regulariser_moves_the_minimum():
+    model = bfm.load_face_model("toy,resolution=24")
+    faces = data.SyntheticFaces(face_model=model, size=32, length=4, seed=1, subset="unoccluded",
+                                unexplainable=0.0, landmark_noise=0.0, image_noise=0.0)
+    faces = faces.batch([0, 1, 2, 3])
+    autoencoder = focus.FaceAutoencoder(focus.Encoder(width=4), model)
+    scales = (0.0, 0.5, 1.0, 1.5)
+    cfg = train.make_config("tiny")
+    # without the regulariser the truth (s = 1) renders the image: the smallest loss
+    free = evaluate.loss_towards_truth(autoencoder, faces, dataclasses.replace(cfg, lambda_reg=0.0),
+                                       scales=scales, batch_size=3)
+    assert min(free, key=free.get) == 1.0 and free[1.0] < 0.01
+    # a strong regulariser moves the minimum to the mean face
+    strong = evaluate.loss_towards_truth(autoencoder, faces,
+                                         dataclasses.replace(cfg, lambda_reg=100.0), scales=scales,
+                                         batch_size=3)
+    assert min(strong, key=strong.get) == 0.0
+    # L_R is linear in lambda_reg: the difference is lambda_reg times the mean square of s theta
+    theta = bfm.split_theta(faces["theta"])
+    coefficients = torch.cat([theta.id, theta.exp, theta.albedo], dim=1)
+    for s in scales:
+        expected = 100.0 * (s * coefficients).pow(2).mean().item()
+        assert strong[s] - free[s] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
 def test_pose_spread_tells_a_shrunk_output_from_a_right_one():
     rng = np.random.default_rng(0)
     true = rng.normal(size=(200, 6))
@@ -501,7 +527,8 @@ def test_diagnose_cli_writes_markdown_and_json(tiny_run, tmp_path, capsys):
     assert result["run"] == focus_dir and result["stage"] == "init" and result["count"] == 2
     assert list(result["subsets"]) == ["unoccluded", "random"]
     numbers = result["subsets"]["random"]
-    assert set(numbers) == {"rmse", "errors", "landmarks_px", "shape", "f1", "pose"}
+    assert set(numbers) == {"rmse", "errors", "landmarks_px", "shape", "f1", "pose",
+                            "loss_towards_truth"}
     assert set(numbers["pose"]) == set(evaluate.POSE_NAMES)
     # --validation: other faces, named in the header and the JSON
     evaluate.main(["diagnose", "--run", focus_dir, "--stage", "init", "--count", "2",

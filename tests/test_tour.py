@@ -23,6 +23,8 @@ SHRINK = {  # script (and subcommand) -> options appended
     "train.py": TINY_TRAIN,
     "evaluate.py fitting": ["--count", "2", "--steps", "2", "--landmark-steps", "1"],
     "evaluate.py": ["--count", "2"],
+    "photos.py": ["--size", "32", "--steps", "2", "--landmark-steps", "1", "--families", "scarf",
+                  "--seeds", "0", "--face-model", "toy,resolution=24"],
 }
 
 
