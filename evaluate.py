@@ -308,7 +308,7 @@ def oracle_xi(autoencoder, sets: Dict[str, dict], *, device: str = "cpu",
     reconstructions: the ceiling of any mask that thresholds this R's colour residual. It is
     chosen on the test faces themselves (an oracle), so it is a diagnostic, not a method."""
     scores = {xi: [] for xi in grid}
-    with torch.no_grad(), focus._eval_mode(autoencoder):
+    with torch.no_grad(), focus.eval_mode(autoencoder):
         for faces in sets.values():
             for first in range(0, faces["image"].shape[0], 32):
                 images = faces["image"][first:first + 32].to(device)
@@ -325,7 +325,7 @@ def predict(method: Method, images: torch.Tensor, autoencoder, segmenter, cfg,
             skin_model: Optional[SkinColourModel], xi: Optional[float] = None) -> dict:
     """R's reconstruction of `images` and the method's face mask (None without one); `xi`
     replaces cfg.xi for the "oracle" mask."""
-    with torch.no_grad(), focus._eval_mode(autoencoder, segmenter):
+    with torch.no_grad(), focus.eval_mode(autoencoder, segmenter):
         out = autoencoder(images)
         mask = None
         if method.mask == "segmenter":
@@ -779,7 +779,7 @@ def diagnose(autoencoder, faces: dict, *, xi: float = 0.17, batch_size: int = 32
         as numpy arrays.
     """
     device, parts = autoencoder.face_model.mean_shape.device, []
-    with torch.no_grad(), focus._eval_mode(autoencoder):
+    with torch.no_grad(), focus.eval_mode(autoencoder):
         for first in range(0, faces["image"].shape[0], batch_size):
             batch = {k: faces[k][first:first + batch_size].to(device)
                      for k in ("image", "theta", "visible_face", "neutral")}
@@ -1110,7 +1110,7 @@ def export(run_dir: str, images: str, out: str, *, csv_path: Optional[str] = Non
     for index in range(len(faces)):
         sample = faces[index]
         image = sample["image"][None].to(device)  # (1, 3, H, W)
-        with torch.no_grad(), focus._eval_mode(autoencoder, segmenter):
+        with torch.no_grad(), focus.eval_mode(autoencoder, segmenter):
             result = autoencoder(image)
             mask = result.region
             if segmenter is not None:

@@ -75,31 +75,22 @@ def render_theta(theta: torch.Tensor, model: bfm.MorphableModel, *, height: int,
 def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel, *,
         mode: str = "plain", steps: int = 300, landmark_steps: int = 100, lr: float = 0.03,
         mask_every: int = 10, xi: float = 0.17, xi_start: Optional[float] = None,
-        keep_at_least: float = 0.0,
-        lambda_reg: float = 0.01, lambda_mono: float = 0.0,
-        segmenter: Optional[torch.nn.Module] = None,
-        features: Optional[Callable] = None, snapshot_every: int = 0,
-        callback: Optional[Callable[[dict], None]] = None) -> FitResult:
+        keep_at_least: float = 0.0, lambda_reg: float = 0.01, lambda_mono: float = 0.0,
+        segmenter: Optional[torch.nn.Module] = None, features: Optional[Callable] = None,
+        snapshot_every: int = 0, callback: Optional[Callable[[dict], None]] = None) -> FitResult:
     """Fit theta to images by gradient descent on L_R (Eq. 8) through the renderer.
 
     Args:
-        image: I_T, (B, 3, H, W) in [0, 1].
-        landmarks: lm_T, (B, 68, 2) pixel coordinates.
+        image, landmarks: I_T (B, 3, H, W) in [0, 1] and lm_T (B, 68, 2) pixel coordinates.
         model: the face model.
         mode: "plain", "robust" or "segmenter" (module docstring).
         steps: Adam steps on the full loss, after `landmark_steps` steps on landmarks and
             regularisation only (pose, identity and expression from the 68 points).
         lr: Adam learning rate on theta / `theta_step`.
         mask_every: re-estimate the mask every this many steps (robust, segmenter).
-        xi: threshold of M_pre (Eq. 10), robust mode.
-        xi_start: robust mode: a stricter first threshold, relaxed linearly to `xi` over the
-            first half of the `steps` (None: `xi` throughout). A strict first mask keeps only
-            the pixels the landmark fit already explains, so that an occluder cannot pull
-            the colour and light before the mask finds it.
-        keep_at_least: robust mode: the mask keeps at least this share of the rendered
-            region, its best-fitting pixels, whatever the threshold says (0: M_pre as in
-            Eq. 10). While the colour and light are still far off, no pixel is within xi, and
-            M_pre alone would leave the pixel term nothing to learn them from.
+        xi, xi_start, keep_at_least: the robust mode's mask: M_pre's threshold (Eq. 10), a
+            stricter first threshold (`relaxed_xi`) and the share of the face kept at least
+            (`estimate_mask`).
         lambda_reg: weight of L_reg (lambda_4 of Eq. 8). The paper's 0.1 trains a network
             over many images; one image fitted with it stays near the mean face (the image
             error falls 4.7x instead of 7x on tests/test_fit.py's face), so 0.01 here.
@@ -109,76 +100,87 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
         features: F as a callable images -> features (adds L_per), or None.
         snapshot_every: keep a render every this many steps for a progress strip (0: none).
         callback: called with each step's history row (e.g. to print progress).
-    Returns:
-        FitResult.
     """
+    _check_fit(image, landmarks, mode=mode, segmenter=segmenter, steps=steps,
+               landmark_steps=landmark_steps, mask_every=mask_every, xi=xi, xi_start=xi_start,
+               keep_at_least=keep_at_least, lambda_mono=lambda_mono)
+    H, W = image.shape[-2:]
+    model = model.to(device=image.device)
+    adjacency = renderer.vertex_adjacency(model.triangles, model.num_vertices)
+    draw = lambda theta: render_theta(theta, model, height=H, width=W, adjacency=adjacency)
+    e_step = lambda k, out: estimate_mask(  # at robust step k; None: the final mask
+        image, out, mode=mode, segmenter=segmenter, keep_at_least=keep_at_least,
+        xi=xi if k is None else relaxed_xi(k, steps, xi=xi, xi_start=xi_start))
+    step_scale = theta_step(image.dtype, image.device)  # (257,)
+    free = torch.zeros(image.shape[0], step_scale.numel(), dtype=image.dtype, device=image.device,
+                       requires_grad=True)
+    optimizer = torch.optim.Adam([free], lr=lr)
+    weights = dict(lm_weights=losses.landmark_weights(dtype=image.dtype, device=image.device),
+                   lambda_reg=lambda_reg, lambda_mono=lambda_mono)
+    mask, history, snapshots = torch.ones_like(image[:, :1]), [], []
+    for step in range(landmark_steps + steps):
+        theta, out = free * step_scale, None  # (B, 257)
+        if step < landmark_steps:  # the pixel term is off: render nothing
+            total, terms = landmark_stage_loss(bfm.split_theta(theta), model, landmarks,
+                                               height=H, width=W, **weights)
+        else:
+            out = draw(theta)
+            if mode != "plain" and (step - landmark_steps) % mask_every == 0:
+                mask = e_step(step - landmark_steps, out)
+            total, terms = full_loss(image, landmarks, theta, out, mask, features, **weights)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append(history_row(step, "landmarks" if out is None else mode, total, terms,
+                                   mask, out))
+        if callback is not None:
+            callback(history[-1])
+        if snapshot_every and step % snapshot_every == 0:
+            with torch.no_grad():
+                snapshots.append((step, composite(out or draw(theta), image).detach()))
+    with torch.no_grad():
+        theta = free * step_scale
+        out = draw(theta)
+        mask = e_step(None, out) if mode != "plain" else mask
+    return FitResult(theta.detach(), out, mask * out.region, history, snapshots)
+
+
+def _check_fit(image, landmarks, *, mode, segmenter, steps, landmark_steps, mask_every, xi,
+               xi_start, keep_at_least, lambda_mono) -> None:
+    """Raise ValueError naming the first argument of `fit` that cannot work."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "segmenter" and segmenter is None:
         raise ValueError("mode 'segmenter' needs a trained segmenter (segmenter=...)")
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
-    B, _, H, W = image.shape
-    if landmarks.shape != (B, 68, 2):
-        raise ValueError(f"landmarks must be ({B}, 68, 2), got {tuple(landmarks.shape)}")
+    if landmarks.shape != (image.shape[0], 68, 2):
+        raise ValueError(f"landmarks must be ({image.shape[0]}, 68, 2), got "
+                         f"{tuple(landmarks.shape)}")
     if steps < 0 or landmark_steps < 0 or mask_every < 1:
         raise ValueError("steps and landmark_steps must be >= 0, mask_every >= 1")
     if lambda_mono < 0 or xi <= 0 or (xi_start is not None and xi_start <= 0):
         raise ValueError("lambda_mono must be >= 0, xi and xi_start > 0")
     if not 0 <= keep_at_least < 1:
         raise ValueError(f"keep_at_least is a share in [0, 1), got {keep_at_least}")
-    model = model.to(device=image.device)
-    adjacency = renderer.vertex_adjacency(model.triangles, model.num_vertices)
-    step_scale = theta_step(image.dtype, image.device)  # (257,)
-    free = torch.zeros(B, step_scale.numel(), dtype=image.dtype, device=image.device,
-                       requires_grad=True)
-    optimizer = torch.optim.Adam([free], lr=lr)
-    lm_weights = losses.landmark_weights(dtype=image.dtype, device=image.device)
-    mask = torch.ones(B, 1, H, W, dtype=image.dtype, device=image.device)
-    history, snapshots = [], []
 
-    weights = dict(lm_weights=lm_weights, lambda_reg=lambda_reg, lambda_mono=lambda_mono)
-    for step in range(landmark_steps + steps):
-        stage = "landmarks" if step < landmark_steps else mode
-        theta = free * step_scale  # (B, 257)
-        parts, out, kept = bfm.split_theta(theta), None, 1.0
-        if stage == "landmarks":
-            # the pixel term is off: project the 68 landmark vertices, render nothing
-            total, terms = landmark_stage_loss(parts, model, landmarks, height=H, width=W,
-                                               **weights)
-        else:
-            out = render_theta(theta, model, height=H, width=W, adjacency=adjacency)
-            if mode != "plain" and (step - landmark_steps) % mask_every == 0:
-                threshold = relaxed_xi(step - landmark_steps, steps, xi=xi, xi_start=xi_start)
-                mask = estimate_mask(image, out, mode=mode, xi=threshold, segmenter=segmenter,
-                                     keep_at_least=keep_at_least)
-            total, terms = losses.autoencoder_loss(
-                image, out.image, mask, out.region, lm_target=landmarks, lm_pred=out.landmarks,
-                coefficients=(parts.id, parts.exp, parts.albedo), features=features,
-                lambda_pixel=LAMBDA_PIXEL, lambda_lm=LAMBDA_LM,
-                sh=parts.sh if lambda_mono > 0 else None, **weights)
-            kept = float((mask * out.region).sum() / out.region.sum().clamp(min=1))
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
 
-        row = {"step": step, "stage": stage, "L_R": float(total.detach()),
-               **{k: float(v.detach()) for k, v in terms.items()}, "kept": kept}
-        history.append(row)
-        if callback is not None:
-            callback(row)
-        if snapshot_every and step % snapshot_every == 0:
-            with torch.no_grad():
-                out = out or render_theta(theta, model, height=H, width=W, adjacency=adjacency)
-            snapshots.append((step, composite(out, image).detach()))
+def full_loss(image, landmarks, theta, out: renderer.Rendered, mask, features, *, lm_weights,
+              lambda_reg: float, lambda_mono: float):
+    """L_R (Eq. 8) of a render under the mask M: (scalar, dict of the unweighted terms)."""
+    parts = bfm.split_theta(theta)
+    return losses.autoencoder_loss(
+        image, out.image, mask, out.region, lm_target=landmarks, lm_pred=out.landmarks,
+        lm_weights=lm_weights, coefficients=(parts.id, parts.exp, parts.albedo),
+        features=features, lambda_pixel=LAMBDA_PIXEL, lambda_lm=LAMBDA_LM,
+        lambda_reg=lambda_reg, sh=parts.sh if lambda_mono > 0 else None, lambda_mono=lambda_mono)
 
-    with torch.no_grad():
-        theta = free * step_scale
-        out = render_theta(theta, model, height=H, width=W, adjacency=adjacency)
-        if mode != "plain":
-            mask = estimate_mask(image, out, mode=mode, xi=xi, segmenter=segmenter,
-                                 keep_at_least=keep_at_least)
-    return FitResult(theta.detach(), out, mask * out.region, history, snapshots)
+
+def history_row(step: int, stage: str, total, terms: dict, mask, out) -> dict:
+    """One step of `FitResult.history`: L_R, its unweighted terms and the kept share."""
+    kept = 1.0 if out is None else float((mask * out.region).sum() / out.region.sum().clamp(min=1))
+    return {"step": step, "stage": stage, "L_R": float(total.detach()),
+            **{k: float(v.detach()) for k, v in terms.items()}, "kept": kept}
 
 
 def landmark_stage_loss(parts: bfm.Theta, model: bfm.MorphableModel, landmarks: torch.Tensor, *,
@@ -204,7 +206,9 @@ def landmark_stage_loss(parts: bfm.Theta, model: bfm.MorphableModel, landmarks: 
 
 def relaxed_xi(step: int, steps: int, *, xi: float, xi_start: Optional[float]) -> float:
     """The M_pre threshold at robust step `step` of `steps`: `xi_start`, rising linearly to
-    `xi` at half the steps, then `xi` (always `xi` when `xi_start` is None)."""
+    `xi` at half the steps, then `xi` (always `xi` when `xi_start` is None). A strict first
+    mask keeps only the pixels the landmark fit already explains, so that an occluder cannot
+    pull the colour and light before the mask finds it."""
     if xi_start is None:
         return xi
     progress = min(1.0, step / max(1.0, steps / 2))
@@ -214,7 +218,13 @@ def relaxed_xi(step: int, steps: int, *, xi: float, xi_start: Optional[float]) -
 @torch.no_grad()
 def estimate_mask(image: torch.Tensor, out: renderer.Rendered, *, mode: str, xi: float,
                   segmenter: Optional[torch.nn.Module], keep_at_least: float = 0.0) -> torch.Tensor:
-    """The E-step: the face mask M (B, 1, H, W) for the current fit (no gradient)."""
+    """The E-step: the face mask M (B, 1, H, W) for the current fit (no gradient).
+
+    Robust mode: M_pre (Eq. 10, threshold xi); with `keep_at_least` > 0 the mask keeps at
+    least that share of the rendered region, its best-fitting pixels, whatever xi says. While
+    colour and light are still far off no pixel is within a strict xi, and M_pre alone would
+    leave the pixel term nothing to learn them from. Segmenter mode: S(I_R, I_T) in the region.
+    """
     if mode != "robust":
         return segmenter(out.image, image) * out.region
     if keep_at_least == 0:

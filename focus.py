@@ -401,7 +401,7 @@ def reconstruct(images: torch.Tensor, autoencoder: FaceAutoencoder,
         Reconstruction(vertices, image, mask) with mask = S_R * S(I_R, I_T) given a
         segmenter (as the official code masks its loss), else the rendered region S_R.
     """
-    with torch.no_grad(), _eval_mode(autoencoder, segmenter):
+    with torch.no_grad(), eval_mode(autoencoder, segmenter):
         out = autoencoder(images)
         mask = out.region  # (B, 1, H, W)
         if segmenter is not None:
@@ -411,7 +411,7 @@ def reconstruct(images: torch.Tensor, autoencoder: FaceAutoencoder,
 
 
 @contextlib.contextmanager
-def _eval_mode(*modules: Optional[nn.Module]):
+def eval_mode(*modules: Optional[nn.Module]):
     """Switch modules (None allowed) to eval mode inside the block, then restore every flag."""
     saved = [(m, m.training) for module in modules if module is not None
              for m in module.modules()]

@@ -553,7 +553,7 @@ def segmenter_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Tenso
     Args:
         target: I_T, (B, C, H, W).
         rendered: I_R, (B, C, H, W).
-        mask: M = S(I_T, I_R) in [0, 1], (B, 1, H, W).
+        mask: M = S(I_R, I_T) in [0, 1], (B, 1, H, W).
         region: S_R in {0, 1}, (B, 1, H, W).
         features: F, or None to leave out L_dist and L_presv.
         nbr_size, nbr_normalize: `neighbor_loss`'s size and normalize.

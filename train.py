@@ -118,7 +118,9 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run; the defaults are the `cpu` preset (see `PRESETS`)."""
+    """Every setting of a run. The defaults are the paper's settings scaled to a laptop; the
+    `cpu` preset (`PRESETS`, the default of `make_config` and of train.py) changes a few of
+    them, and the `paper` preset restores the paper's sizes and schedule."""
     # data
     data: str = "synthetic"  # "synthetic" or a folder of images + landmarks.csv (Sec. 4.1)
     face_model: str = "toy"  # bfm.load_face_model spec; paper: BFM 2017 (Sec. 4.1)
@@ -789,7 +791,7 @@ def misfit_prior(autoencoder, dataset, cfg: Config) -> torch.Tensor:
     """
     device = torch.device(cfg.device)
     total, count = None, 0
-    with torch.no_grad(), focus._eval_mode(autoencoder):
+    with torch.no_grad(), focus.eval_mode(autoencoder):
         for first in range(0, len(dataset), cfg.batch_size):
             batch = load_batch(dataset, list(range(first, min(first + cfg.batch_size,
                                                                len(dataset)))), device)
@@ -949,7 +951,7 @@ def heldout_rmse(autoencoder, faces: Optional[dict]) -> Optional[float]:
     shows itself while it trains (the floor is the pixel noise, about 2.6)."""
     if faces is None:
         return None
-    with torch.no_grad(), focus._eval_mode(autoencoder):
+    with torch.no_grad(), focus.eval_mode(autoencoder):
         out = autoencoder(faces["image"])
     return losses.image_rmse(out.image, faces["image"], faces["region"], out.region).mean().item()
 

@@ -1,7 +1,7 @@
 """Renderer speed: forward + backward per image at 224 x 224, with a ResNet-50 yardstick.
 
-For each mesh (the toy face at about 35k and 70k triangles, and the ICT-FaceKit narrow face
-when ../shared/face_models is present) and each batch size, times the stages of `render`:
+For each mesh (the toy face at about 35k and 70k triangles, and any real face model in our
+`.npz` schema given with `--npz`, e.g. a converted ICT-FaceKit face) and each batch size, times the stages of `render`:
 rasterize (no grad), barycentrics + interpolation + shading (the differentiable part),
 backward, and the whole forward + backward; reports ms per image, images/s and peak memory
 (CUDA only). A full-width ResNet-50 forward + backward per image is timed in the same run as
@@ -27,7 +27,6 @@ import bfm  # noqa: E402
 import renderer  # noqa: E402
 from timing import timed  # noqa: E402
 
-ICT_NPZ = os.path.join(ROOT, "..", "shared", "face_models", "ict_facekit_narrow.npz")
 
 
 def random_inputs(model, batch, device, seed=0):
@@ -102,13 +101,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--resnet-batch", type=int, default=4)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--npz", help="also time this face model (bfm's .npz schema)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
     meshes = [("toy 35k", bfm.load_face_model("toy", resolution=133)),
               ("toy 70k", bfm.load_face_model("toy", resolution=188))]
-    if os.path.exists(ICT_NPZ):
-        meshes.append(("ict narrow", bfm.load_face_model(f"npz:{ICT_NPZ}")))
+    if args.npz:
+        meshes.append((os.path.basename(args.npz), bfm.load_face_model(f"npz:{args.npz}")))
     rows = [bench_mesh(name, model, batch, device, args.repeats)
             for name, model in meshes for batch in args.batch]
     resnet_ms = bench_resnet(device, args.resnet_batch, max(2, args.repeats // 2))

@@ -47,9 +47,11 @@ def test_segmentation_scores_match_slow_twin(seed, B, H, W):
     mask = torch.rand(B, 1, H, W, generator=g)
     truth = (torch.rand(B, 1, H, W, generator=g) < 0.6).float()
     region = (torch.rand(B, 1, H, W, generator=g) < 0.7).float()
+    region[:, :, 0, 0] = 1  # never empty: ACC is always a number, so something is compared
     scores = evaluate.segmentation_scores(mask, truth, region)
     for b in range(B):
         expected = slow_scores(mask[b], truth[b], region[b])
+        assert math.isfinite(expected["ACC"]) and math.isfinite(float(scores["ACC"][b]))
         for name, value in expected.items():
             got = float(scores[name][b])
             assert (math.isnan(got) and math.isnan(value)) or got == pytest.approx(value), name

@@ -1,5 +1,6 @@
 """Tests of renderer.py: a slow per-pixel reference rasterizer, hand-drawn scenes, float64
 gradchecks, SH orthonormality, camera geometry, and the full render on the toy face."""
+import copy
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import bfm
 import renderer
 from renderer import (barycentrics, camera_transform, euler_rotation, interpolate, project,
                       rasterize, render, sh_basis, shade, vertex_normals)
@@ -266,7 +268,6 @@ def test_gradcheck_barycentrics_and_interpolation():
 
 @pytest.fixture(scope="module")
 def toy():
-    bfm = pytest.importorskip("bfm")
     return bfm.load_face_model("toy")
 
 
@@ -388,12 +389,13 @@ def test_render_rejects_bad_input(toy):
                toy.triangles, toy.landmarks, height=16, width=16)
 
 
+@pytest.mark.cuda
 @CUDA
 def test_cuda_matches_cpu(toy):
     pose = torch.tensor([[0.1, 0.5, 0.0, 0, 0, 0], [0.0, -0.2, 0.2, 5, 5, 20]])
     sh = torch.randn(2, 27, generator=torch.Generator().manual_seed(0)) * 0.2
     cpu = render_toy(toy, sh, pose, height=128, width=96)
-    gpu_model = toy.to("cuda")
+    gpu_model = copy.deepcopy(toy).to("cuda")  # Module.to moves in place: keep the fixture
     gpu = render(gpu_model.mean_shape.expand(2, -1, -1), gpu_model.mean_albedo.expand(2, -1, -1),
                  sh.cuda(), pose.cuda(), gpu_model.triangles, gpu_model.landmarks,
                  height=128, width=96)

@@ -55,8 +55,8 @@ def test_tour_has_six_to_eight_exercises():
     assert 6 <= len(exercises) <= 8
 
 
-def test_every_tour_command_runs(tmp_path):
-    os.chdir(tmp_path)
+def test_every_tour_command_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # restored after the test
     # the README main job at tiny size: runs/cpu with finished init and em stages
     cfg = train.make_config("tiny")
     train.run("init", "runs/cpu", cfg)
