@@ -314,7 +314,7 @@ def _image_file_sample(path: str, csv_path: str, *, size: int):
     return aligned[None], landmarks[None]
 
 
-def main(argv=None) -> FitResult:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fit the face model to one image: a held-out synthetic sample, or an image file "
                     "with its 68 landmarks, aligned to SIZE x SIZE like data.ImageFolderFaces.")
@@ -351,6 +351,11 @@ def main(argv=None) -> FitResult:
     parser.add_argument("--size", type=int, default=224, help="the fitting size (SIZE x SIZE)")
     parser.add_argument("--face-model", default="toy", help="a bfm.load_face_model spec")
     parser.add_argument("--out", default=os.path.join("out", "fit"))
+    return parser
+
+
+def main(argv=None) -> FitResult:
+    parser = build_parser()
     args = parser.parse_args(argv)
     import data  # the command line reads samples; `fit` itself takes tensors
 
@@ -404,17 +409,22 @@ def main(argv=None) -> FitResult:
                  callback=lambda row: print(
                      f"step {row['step']:4d} {row['stage']:9s} L_R {row['L_R']:.4f} "
                      f"kept {row['kept']:.2f}") if row["step"] % 50 == 0 else None)
-    os.makedirs(args.out, exist_ok=True)
+    write_outputs(args.out, result, image, model)
+    return result
+
+
+def write_outputs(out: str, result: FitResult, image: torch.Tensor, model) -> None:
+    """The first image's mesh (fit.obj), render over the image, mask and progress strip."""
+    os.makedirs(out, exist_ok=True)
     t = bfm.split_theta(result.theta)
     with torch.no_grad():
         vertices = model.vertices(t.id, t.exp)[0]
         colors = model.albedo(t.albedo)[0].clamp(0, 1)
-    bfm.save_obj(os.path.join(args.out, "fit.obj"), vertices, model.triangles, colors)
-    _save_png(os.path.join(args.out, "render.png"), composite(result.rendered, image)[0])
-    _save_png(os.path.join(args.out, "mask.png"), result.mask[0])
-    _save_png(os.path.join(args.out, "progress.png"), _progress_strip(result.snapshots, image))
-    print(f"wrote fit.obj, render.png, mask.png, progress.png to {args.out}")
-    return result
+    bfm.save_obj(os.path.join(out, "fit.obj"), vertices, model.triangles, colors)
+    _save_png(os.path.join(out, "render.png"), composite(result.rendered, image)[0])
+    _save_png(os.path.join(out, "mask.png"), result.mask[0])
+    _save_png(os.path.join(out, "progress.png"), _progress_strip(result.snapshots, image))
+    print(f"wrote fit.obj, render.png, mask.png, progress.png to {out}")
 
 
 if __name__ == "__main__":
