@@ -234,9 +234,8 @@ def align_pose(theta: torch.Tensor, vertices: torch.Tensor, landmark_ids: torch.
     Returns:
         (B, 257) theta with tx, ty replaced.
     """
-    points = vertices[:, landmark_ids]  # (B, 68, 3)
-    five = torch.stack([points[:, [36, 39]].mean(1), points[:, [42, 45]].mean(1),
-                        points[:, 30], points[:, 48], points[:, 54]], dim=1)  # (B, 5, 3)
+    five = torch.stack([torch.as_tensor(five_points(points.cpu()), dtype=theta.dtype)
+                        for points in vertices[:, landmark_ids]]).to(theta.device)  # (B, 5, 3)
     template = torch.as_tensor(DEEP3D_LM3D, dtype=theta.dtype, device=theta.device)  # (5, 3)
     # P ~ s X + o: s = <P - mean P, X - mean X> / |X - mean X|^2, o = mean P - s mean X
     P, X = five - five.mean(1, keepdim=True), template - template.mean(0)  # (B, 5, 3), (5, 3)
@@ -1336,8 +1335,8 @@ def check_landmarks(landmarks, height: int, width: int, where: str) -> None:
 # ----------------------------------------------------------------------------- alignment
 
 def five_points(landmarks) -> np.ndarray:
-    """Deep3D's 5 points (5, 2) from 68 landmarks: the two eye centres (mean of the eye
-    corners 36, 39 and 42, 45), the nose tip (30), the mouth corners (48, 54)."""
+    """Deep3D's 5 points (5, D) from 68 landmarks (68, D), in 2D or 3D: the two eye centres
+    (mean of the eye corners 36, 39 and 42, 45), the nose tip (30), the mouth corners (48, 54)."""
     lm = np.asarray(landmarks, dtype=np.float64)
     return np.stack([lm[[36, 39]].mean(0), lm[[42, 45]].mean(0), lm[30], lm[48], lm[54]])
 

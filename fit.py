@@ -193,8 +193,8 @@ def landmark_stage_loss(parts: bfm.Theta, model: bfm.MorphableModel, landmarks: 
         (scalar loss, dict of the unweighted terms).
     """
     vertices = model.vertices(parts.id, parts.exp)[:, model.landmarks]  # (B, 68, 3)
-    world = renderer.rigid_transform(vertices, parts.pose)  # (B, 68, 3)
-    points = renderer.project(renderer.world_to_camera(world), height=height, width=width)
+    points = renderer.project(renderer.camera_transform(vertices, parts.pose), height=height,
+                              width=width)  # (B, 68, 3)
     terms = {"L_lm": losses.landmark_loss(landmarks, points[..., :2], lm_weights),
              "L_reg": losses.regularization(parts.id, parts.exp, parts.albedo)}
     total = LAMBDA_LM * terms["L_lm"] + lambda_reg * terms["L_reg"]

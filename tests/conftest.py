@@ -6,6 +6,7 @@ set) is also derandomized so a CI run is reproducible.
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -17,3 +18,13 @@ settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread during a test (the toy model's last bits depend on the threads), then
+    the previous count. Modules use it with `pytestmark = pytest.mark.usefixtures(...)`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
