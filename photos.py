@@ -1,5 +1,10 @@
 """Real photos: per-image fitting and FOCUS on real faces with occluders pasted on them.
 
+Paper map: Sec. 4 evaluates on real photos (CelebA-HQ, AR) with occluders of known extent
+(Tab. 4, Fig. 5 / 7); robust per-image fitting is the analysis-by-synthesis baseline of Sec. 1-2
+(Egger et al. 2018) that FOCUS amortises. Images (1, 3, S, S) in [0, 1], masks (1, 1, S, S),
+landmarks (1, 68, 2) pixels.
+
 The synthetic data shows the mechanism with exact ground truth; this module asks whether it
 carries over to a real face. Two public-domain photos ship with the project's dependencies:
 Grace Hopper (matplotlib's sample data) and the astronaut Eileen Collins (scikit-image's
