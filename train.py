@@ -133,6 +133,7 @@ class Config:
     encoder_width: int = 16  # ResNet-50 width multiplier base; paper 64 (Sec. 4.1)
     unet_width: int = 16  # UNet width; paper 64 (Supp. A.2: 34.5M parameters)
     stem_pool: bool = True  # ResNet stem max-pooling (ImageNet stem); False for small images
+    zero_init_residual: bool = False  # residual branches start at 0 (focus.ResNet50)
     translation_scale: float = 1.0  # encoder output scale of tx, ty (official code 1)
     depth_scale: float = 0.005  # encoder output scale of tz (official code 0.005)
     perceptual: str = "none"  # F (Sec. 3.2): "dlib", "arcface:PATH", "none"; paper ArcFace
@@ -396,7 +397,8 @@ def build_models(cfg: Config, face_model: bfm.MorphableModel):
     """R (encoder + face model + renderer) and S (None without a segmenter), seeded, on device."""
     torch.manual_seed(cfg.seed)
     encoder = focus.Encoder(width=cfg.encoder_width, translation_scale=cfg.translation_scale,
-                            depth_scale=cfg.depth_scale, stem_pool=cfg.stem_pool)
+                            depth_scale=cfg.depth_scale, stem_pool=cfg.stem_pool,
+                            zero_init_residual=cfg.zero_init_residual)
     autoencoder = focus.FaceAutoencoder(encoder, face_model)
     segmenter = focus.UNet(width=cfg.unet_width) if has_segmenter(cfg) else None
     device = torch.device(cfg.device)

@@ -112,6 +112,24 @@ def test_resnet50_without_stem_pool_keeps_maps_twice_as_large(size):
     encoder = focus.Encoder(width=4, stem_pool=False)
     assert not encoder.resnet.stem_pool and focus.Encoder(width=4).resnet.stem_pool
 
+
+def test_zero_init_residual_makes_each_identity_block_pass_its_input():
+    torch.manual_seed(0)
+    net = focus.ResNet50(width=4, num_classes=7, zero_init_residual=True).eval()
+    torch.manual_seed(0)
+    plain = focus.ResNet50(width=4, num_classes=7).eval()
+    blocks = [m for m in net.modules() if isinstance(m, focus.Bottleneck)]
+    assert len(blocks) == 16 and all(torch.all(b.bn3.weight == 0) for b in blocks)
+    # the convolutions are drawn exactly as without the option
+    assert torch.equal(net.layer3[1].conv2.weight, plain.layer3[1].conv2.weight)
+    # a block without a downsampling shortcut returns relu(x) = x for x >= 0
+    x = torch.rand(2, 16, 8, 8)
+    assert torch.equal(net.layer1[1](x), x)
+    assert not torch.allclose(plain.layer1[1](x), x)
+    # the encoder passes the option on
+    assert torch.all(focus.Encoder(width=4, zero_init_residual=True).resnet.layer4[2].bn3.weight == 0)
+
+
 def test_load_imagenet_weights_roundtrip(tmp_path):
     torch.manual_seed(0)
     source = focus.ResNet50(width=4)
