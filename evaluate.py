@@ -12,13 +12,12 @@ Paper map (Li et al., CVPR 2023, Sec. 4 and Supp. B):
     Gaussian skin-colour segmenter (Deep3D's masks)        SkinColourModel       Fig. 5, 7, Tab. 4
     mask F1 against one eta at a time                      sweep                 Supp. Fig. 4
     per-image fitting vs one forward pass                  compare_fitting       Sec. 1-2
-    where R's image error comes from (theta groups         diagnose              (diagnostic)
-      swapped for the truth, group errors, mean face)
 
 Test data are synthetic faces (`data.SyntheticFaces`) of five subsets, unoccluded, glasses,
-scarf, hand (skin-coloured occluders, Fig. 7) and random, drawn with seed `EVAL_SEED`, which no
-training stage uses; they stand in for CelebA-HQ, AR and NoW, which cannot be shipped. Every
-sample carries its exact visible-face mask and neutral shape.
+scarf, hand (skin-coloured occluders, Fig. 7) and random, drawn with seed `config.EVAL_SEED`,
+which no training stage uses (config.py holds every seed); they stand in for CelebA-HQ, AR and
+NoW, which cannot be shipped. Every sample carries its exact visible-face mask and neutral
+shape.
 
 Rows (methods) come from run directories (`experiments.py` trains them all): a FOCUS run gives
 "FOCUS" (its EM segmenter), "Pretrained" (the segmenter at the end of init), "M_pre (xi)" (the
@@ -44,8 +43,8 @@ in results/tables.md, numbers in results/results.json, figures in results/);
 reconstructions of a folder of photos; `python evaluate.py fitting --run runs/cpu` compares
 per-image fitting (fit.py) with the trained networks; `python evaluate.py sweep --run RUNS`
 plots mask F1 against one eta at a time (Supp. Fig. 4, runs from `experiments.py --group sweep`);
-`python evaluate.py diagnose --run runs/cpu` says where R's image error comes from.
-Tests: `python -m pytest -q tests/test_evaluate.py`.
+the figures are drawn by figures.py, and `python diagnose.py --run runs/cpu` says where R's
+image error comes from. Tests: `python -m pytest -q tests/test_evaluate.py`.
 """
 import argparse
 import dataclasses
@@ -62,16 +61,16 @@ import torch
 
 import bfm
 import data
+import face_models
+import figures
 import focus
 import losses
-import train
+import runs
+from config import EVAL_SEED, SKIN_SEED
 from losses import image_rmse  # the image metric, shared with training's held-out log
 
 SUBSETS = ("unoccluded", "glasses", "scarf", "hand", "random")
 OCCLUDED = ("glasses", "scarf", "hand", "random")
-EVAL_SEED = 5_000  # training uses cfg.seed (0), the prior 1,000 and 2,000, previews 3,000
-SKIN_SEED = 4_000  # the faces the skin-colour model is fitted on
-VALIDATION_SEED = 7_000  # faces to choose settings on (docs/levers.md); never EVAL_SEED's
 METRICS = ("ACC", "PPV", "TPR", "F1")
 
 
@@ -255,12 +254,12 @@ ABLATION_LABELS = {"baseline": "Baseline", "neighbor": "Neighbor", "perceptual":
 
 def methods_of_run(run_dir: str) -> List[Method]:
     """The rows one run provides (module docstring), given which stages it finished."""
-    cfg = train.read_config(run_dir)
+    cfg = runs.read_config(run_dir)
     finished = {stage for stage in ("init", "em")
-                if os.path.exists(train.checkpoint_path(run_dir, stage))
-                and train.load_checkpoint(train.checkpoint_path(run_dir, stage))["done"]}
+                if os.path.exists(runs.checkpoint_path(run_dir, stage))
+                and runs.load_checkpoint(runs.checkpoint_path(run_dir, stage))["done"]}
     if "em" not in finished:
-        raise train.RunError(f"{run_dir}: stage em is not finished (run or --resume it first)")
+        raise runs.RunError(f"{run_dir}: stage em is not finished (run or --resume it first)")
     if cfg.variant != "focus":
         return [Method(VARIANT_LABELS[cfg.variant], run_dir, "em", None)]
     if cfg.segmenter_losses != "full":
@@ -358,7 +357,7 @@ def metric_rows(pred: dict, faces: dict, *, prior: Optional[torch.Tensor] = None
     errors = shape_errors(pred["neutral"], faces["neutral"])  # (B, V)
     rows.update(shape=errors.mean(dim=1), shape_vertices=errors.float())
     if prior is not None:
-        corrected = train.apply_misfit_prior(pred["neutral"], prior)
+        corrected = focus.apply_misfit_prior(pred["neutral"], prior)
         errors_mp = shape_errors(corrected, faces["neutral"])
         rows.update(shape_mp=errors_mp.mean(dim=1), shape_mp_vertices=errors_mp.float())
     if pred["mask"] is not None:
@@ -376,7 +375,7 @@ def evaluate_method(method: Method, sets: Dict[str, dict], *, prior: Optional[to
         (n, V) float32, ["shape_mp", "shape_mp_vertices"] with the prior, [ACC, PPV, TPR, F1]
         with a mask}} as numpy arrays, plus "seconds_per_image" (R forward and mask).
     """
-    cfg, autoencoder, segmenter = models or train.load_models(method.run_dir, stage=method.stage,
+    cfg, autoencoder, segmenter = models or runs.load_models(method.run_dir, stage=method.stage,
                                                               device=device)
     results, seconds, images_seen = {}, 0.0, 0
     xi = oracle_xi(autoencoder, sets, device=device) if method.mask == "oracle" else None
@@ -541,29 +540,15 @@ def tables_markdown(rows: Dict[str, dict], tests: Dict[str, dict], info: dict) -
 
 
 # ----------------------------------------------------------------------------------------------
-# figures
+# figures (drawn by figures.py)
 # ----------------------------------------------------------------------------------------------
 
-def render_over(images: torch.Tensor, rendered: torch.Tensor,
-                region: torch.Tensor) -> torch.Tensor:
-    """The render pasted over the images inside its region: (B, 3, H, W)."""
-    return images * (1 - region) + rendered.clamp(0, 1) * region
-
-
-def outliers_in_red(images: torch.Tensor, mask: torch.Tensor,
-                    region: torch.Tensor) -> torch.Tensor:
-    """Pixels of the rendered region the (rounded) mask rejects, tinted red: (B, 3, H, W)."""
-    outlier = region * (mask < 0.5).to(images.dtype)  # (B, 1, H, W)
-    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
-    return images * (1 - 0.6 * outlier) + 0.6 * outlier * red
-
-
-def figure_qualitative(path: str, methods: List[Method], sets: Dict[str, dict], *,
-                       skin_model, models, per_subset: int = 2, device: str = "cpu") -> None:
-    """Fig. 5 / 7: one row per face (two per subset), columns: target, then per method its
-    reconstruction over the target and, for methods with a mask, the outliers in red.
+def qualitative_columns(methods: List[Method], sets: Dict[str, dict], *, skin_model, models,
+                        per_subset: int = 2, device: str = "cpu") -> tuple:
+    """The pictures of Fig. 5 / 7 (`figures.figure_qualitative`): (columns, row labels), one
+    row per face (`per_subset` per subset), columns [(title, (N, 3, H, W))]: the target, then
+    per method its reconstruction over the target and, with a mask, the outliers in red.
     `models(method)` gives the method's (cfg, R, S)."""
-    from matplotlib.figure import Figure
     subsets = [s for s in SUBSETS if s in sets]
     images = torch.cat([sets[s]["image"][:per_subset] for s in subsets])  # (N, 3, H, W)
     columns = [("target", images)]
@@ -573,91 +558,52 @@ def figure_qualitative(path: str, methods: List[Method], sets: Dict[str, dict], 
             method, images.to(device), autoencoder, segmenter, cfg, skin_model).items()}
         if method.mask in (None, "segmenter") and method.label != "Pretrained":
             columns.append((f"{method.label}\nreconstruction",
-                            render_over(images, pred["image"], pred["region"])))
+                            figures.render_over(images, pred["image"], pred["region"])))
         if pred["mask"] is not None:
             columns.append((f"{method.label}\noutliers (red)",
-                            outliers_in_red(images, pred["mask"], pred["region"])))
-    rows = images.shape[0]
-    fig = Figure(figsize=(1.2 * len(columns), 1.2 * rows + 0.6))
-    axes = fig.subplots(rows, len(columns), squeeze=False)
-    for c, (title, pictures) in enumerate(columns):
-        for r in range(rows):
-            ax = axes[r][c]
-            ax.imshow(pictures[r].permute(1, 2, 0).clamp(0, 1).numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=7)
-            if c == 0:
-                ax.set_ylabel(subsets[r // per_subset], fontsize=7)
-    fig.subplots_adjust(left=0.03, right=0.99, top=1 - 0.5 / (1.2 * rows + 0.6), bottom=0.01,
-                        wspace=0.03, hspace=0.03)
-    fig.savefig(path, dpi=100)
-
-
-def figure_misfit_prior(path: str, prior: torch.Tensor, face_model) -> None:
-    """Fig. 4: E_MP's x, y, z components (mm) on the mean face, frontal view."""
-    from matplotlib.figure import Figure
-    mean = face_model.mean_shape.detach().cpu().numpy()  # (V, 3)
-    triangles = face_model.triangles.cpu().numpy()
-    values = prior.cpu().numpy()  # (V, 3)
-    limit = float(np.abs(values).max()) or 1.0
-    fig = Figure(figsize=(10, 3.8))
-    axes = fig.subplots(1, 3)
-    for k, ax in enumerate(axes):
-        art = ax.tripcolor(mean[:, 0], mean[:, 1], triangles, values[:, k], shading="gouraud",
-                           cmap="coolwarm", vmin=-limit, vmax=limit)
-        ax.set_aspect("equal")
-        ax.set_axis_off()
-        ax.set_title(f"E_MP {'xyz'[k]} (mm)")
-    fig.colorbar(art, ax=list(axes), shrink=0.8)
-    fig.savefig(path, dpi=90)
-
-
-def figure_per_subset(path: str, rows: Dict[str, dict]) -> None:
-    """Per-subset bars: mask F1 (methods with a mask) and mean shape error (all methods)."""
-    from matplotlib.figure import Figure
-    subsets = [s for s in SUBSETS if any(s in r for r in rows.values())]
-    fig = Figure(figsize=(12, 4))
-    axes = fig.subplots(1, 2)
-    for ax, (metric, title) in zip(axes, (("F1", "mask F1 (higher is better)"),
-                                          ("shape", "shape error, mean mm (lower is better)"))):
-        shown = rows if metric == "F1" else _own_reconstruction(rows)
-        labels = [l for l, r in shown.items() if metric in r.get("overall", {})]
-        width = 0.8 / max(len(labels), 1)
-        for i, label in enumerate(labels):
-            means = [rows[label][s][metric]["mean"] for s in subsets]
-            stds = [rows[label][s][metric]["std"] for s in subsets]
-            x = np.arange(len(subsets)) + (i - (len(labels) - 1) / 2) * width
-            ax.bar(x, means, width, yerr=stds, label=label, capsize=2)
-        ax.set_xticks(np.arange(len(subsets)), subsets)
-        ax.set_title(title)
-        if metric == "F1":
-            ax.set_ylim(0.5, 1.0)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+                            figures.outliers_in_red(images, pred["mask"], pred["region"])))
+    return columns, [subsets[r // per_subset] for r in range(images.shape[0])]
 
 
 # ----------------------------------------------------------------------------------------------
 # the whole evaluation
 # ----------------------------------------------------------------------------------------------
 
-def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100,
-                  subsets=SUBSETS, device: str = "cpu", figures: bool = True) -> dict:
-    """Evaluate every row the runs provide; write tables.md, results.json and figures to `out`."""
+def check_runs(run_dirs: List[str]) -> tuple:
+    """(the rows the runs give, sorted as the tables show them, {run dir: Config}); RunError
+    when two runs give the same row or the runs differ in face model, image size or alignment."""
     methods = sorted((m for r in run_dirs for m in methods_of_run(r)),
                      key=lambda m: ROW_ORDER.index(m.label))
     if len({m.label for m in methods}) != len(methods):
-        raise train.RunError("two runs give the same row; pass each variant once")
-    cfgs = {r: train.read_config(r) for r in run_dirs}
+        raise runs.RunError("two runs give the same row; pass each variant once")
+    cfgs = {r: runs.read_config(r) for r in run_dirs}
     reference = cfgs[run_dirs[0]]
     for r, cfg in cfgs.items():
         mine, theirs = ((c.face_model, c.image_size, c.aligned_faces) for c in (cfg, reference))
         if mine != theirs:
-            raise train.RunError(f"{r} uses face model, size, aligned faces {mine}, {run_dirs[0]}"
-                                 f" {theirs}: evaluate them separately")
-    face_model = bfm.load_face_model(reference.face_model)
+            raise runs.RunError(f"{r} uses face model, size, aligned faces {mine}, {run_dirs[0]}"
+                                f" {theirs}: evaluate them separately")
+    return methods, cfgs
+
+
+def model_cache(device: str):
+    """models(method) -> the (cfg, R, S) of its checkpoint, loaded once: rows share them."""
+    loaded = {}  # (run dir, stage) -> (cfg, R, S)
+
+    def models(method: Method):
+        key = (method.run_dir, method.stage)
+        if key not in loaded:
+            loaded[key] = runs.load_models(method.run_dir, stage=method.stage, device=device)
+        return loaded[key]
+    return models
+
+
+def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100,
+                  subsets=SUBSETS, device: str = "cpu", with_figures: bool = True) -> dict:
+    """Evaluate every row the runs provide; write tables.md, results.json and figures to `out`."""
+    methods, cfgs = check_runs(run_dirs)
+    reference = cfgs[run_dirs[0]]
+    face_model = face_models.load_face_model(reference.face_model)
     prior_path = find_prior(run_dirs)
     prior = torch.load(prior_path, weights_only=True)["E_MP"] if prior_path else None
     os.makedirs(out, exist_ok=True)
@@ -668,279 +614,62 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
                      aligned=reference.aligned_faces)
     skin_model = (fit_skin_model(face_model, reference.image_size)
                   if any(m.mask == "skin" for m in methods) else None)
-    loaded = {}  # (run dir, stage) -> (cfg, R, S): several rows share a checkpoint
-
-    def models(method: Method):
-        key = (method.run_dir, method.stage)
-        if key not in loaded:
-            loaded[key] = train.load_models(method.run_dir, stage=method.stage, device=device)
-        return loaded[key]
-
-    rows, tests, raw = {}, {}, {}
+    models = model_cache(device)
+    rows, tests = {}, {}
     for method in methods:
         print(f"  {method.label:<14} {method.run_dir} ({method.stage})", flush=True)
-        raw[method.label] = evaluate_method(method, sets, prior=prior, skin_model=skin_model,
-                                            device=device, models=models(method))
-        rows[method.label] = summarize(raw[method.label])
+        raw = evaluate_method(method, sets, prior=prior, skin_model=skin_model, device=device,
+                              models=models(method))
+        rows[method.label] = summarize(raw)
         if prior is not None and method.mask in (None, "segmenter") and method.label != \
                 "Pretrained":
-            tests[method.label] = paired_t_test(pooled(raw[method.label], subsets, "shape"),
-                                                pooled(raw[method.label], subsets, "shape_mp"))
+            tests[method.label] = paired_t_test(pooled(raw, subsets, "shape"),
+                                                pooled(raw, subsets, "shape_mp"))
     info = {"count": count, "subsets": list(subsets), "size": reference.image_size,
             "xi": reference.xi,
             "face_model": reference.face_model, "seed": EVAL_SEED, "runs": run_dirs,
             "misfit_prior": prior_path, "seconds": round(time.perf_counter() - tic, 1),
             "without_f": any(c.perceptual == "none" and c.variant == "focus"
                              and c.segmenter_losses == "full" for c in cfgs.values())}
-    markdown = tables_markdown(rows, tests, info)
-    with open(os.path.join(out, "tables.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"info": info, "rows": rows, "misfit_prior_t_test": tests}, f, indent=1)
-    if figures:
-        figure_per_subset(os.path.join(out, "per_subset.png"), rows)
-        shown = [m for m in methods if m.label in ("MoFA", "Supervised", "Skin detector",
-                                                   "Pretrained", "FOCUS")]
-        figure_qualitative(os.path.join(out, "qualitative.png"), shown, sets,
-                           skin_model=skin_model, models=models, device=device)
-        if prior is not None:
-            figure_misfit_prior(os.path.join(out, "misfit_prior.png"), prior, face_model)
-        for r in run_dirs:
-            progress = os.path.join(r, "figures", "em_progress.png")
-            if os.path.exists(progress) and cfgs[r].variant == "focus" \
-                    and cfgs[r].segmenter_losses == "full":
-                shutil.copyfile(progress, os.path.join(out, "em_progress.png"))
+    markdown = write_results(out, rows, tests, info)
+    if with_figures:
+        write_figures(out, methods, rows, sets, prior=prior, face_model=face_model, cfgs=cfgs,
+                      skin_model=skin_model, models=models, device=device)
     print(markdown)
     print(f"wrote {out}/tables.md, {out}/results.json and figures "
           f"({time.perf_counter() - tic:.0f} s)")
     return {"info": info, "rows": rows, "tests": tests}
 
 
-# ----------------------------------------------------------------------------------------------
-# where R's image error comes from
-# ----------------------------------------------------------------------------------------------
-
-# theta groups as the diagnosis names them, with their `bfm.Theta` fields
-GROUPS = {"pose": "pose", "light": "sh", "albedo": "albedo", "identity": "id",
-          "expression": "exp"}
-
-
-def swap_groups(predicted: bfm.Theta, true: bfm.Theta, groups) -> bfm.Theta:
-    """`predicted` with the named `GROUPS` replaced by their ground truth."""
-    return predicted._replace(**{GROUPS[g]: getattr(true, GROUPS[g]) for g in groups})
-
-
-def theta_errors(predicted: bfm.Theta, true: bfm.Theta) -> Dict[str, torch.Tensor]:
-    """Per-image error of each theta group, (B,) each: identity, expression and albedo as the
-    RMS coefficient difference (std units; "*_size" the RMS of the truth, the error of
-    predicting 0), light as the RMS difference of the 27 SH coefficients, the Euler angles as
-    the mean absolute difference in degrees, the translations x, y and depth z in mm; and how
-    far R goes to explain outliers: the tint of its light ("light_tint", L_mono per image, and
-    "light_tint_true" of the data's light) and the RMS of its albedo coefficients
-    ("albedo_predicted", 1 under the prior)."""
-    rms = lambda x: x.pow(2).mean(dim=1).sqrt()  # (B, n) -> (B,)
-    out = {}
-    for name in ("identity", "expression", "albedo"):
-        field = GROUPS[name]
-        out[name] = rms(getattr(predicted, field) - getattr(true, field))
-        out[name + "_size"] = rms(getattr(true, field))
-    out["light"] = rms(predicted.sh - true.sh)
-    out["light_size"] = rms(true.sh)
-    # can the model explain outliers? tinted light and albedo beyond its prior
-    out["light_tint"] = torch.stack([losses.light_colour_loss(s[None]) for s in predicted.sh])
-    out["light_tint_true"] = torch.stack([losses.light_colour_loss(s[None]) for s in true.sh])
-    out["albedo_predicted"] = rms(predicted.albedo)
-    difference = predicted.pose - true.pose  # (B, 6)
-    out["angles_deg"] = torch.rad2deg(difference[:, :3]).abs().mean(dim=1)
-    out["shift_mm"] = difference[:, 3:5].abs().mean(dim=1)
-    out["depth_mm"] = difference[:, 5].abs()
-    return out
-
-
-def diagnose(autoencoder, faces: dict, *, xi: float = 0.17, batch_size: int = 32) -> dict:
-    """Where R's image error on `faces` comes from, measured by swapping in the ground truth.
-
-    Rows of image RMSE (0-255, inside the visible face and the rendered region of that
-    render): "predicted" (R as trained), "true" (the ground-truth theta: the floor set by the
-    data's noise and unexplainable parts), "<group> true" (one group replaced by the truth)
-    and "only <group> predicted" (every other group true). Also the theta errors of
-    `theta_errors`, the landmark error (px, against the noise-free projection of the true
-    theta), the neutral shape error (mm) of R and of the mean face (identity 0), the floor
-    any encoder must beat, and the F1 of two masks on R's render: M_pre (Eq. 10, threshold
-    `xi`) and the whole rendered region.
-
-    Args:
-        autoencoder: R (`focus.FaceAutoencoder`), evaluated in eval mode without gradients.
-        faces: "image" (N, 3, H, W), "theta" (N, 257), "visible_face" (N, 1, H, W) and
-            "neutral" (N, V, 3), as `test_sets` holds them.
-    Returns:
-        {"rmse": {row: (N,)}, "errors": {name: (N,)}, "landmarks_px": (N,),
-        "shape": {"R": (N,), "Mean face": (N,)}, "f1": {"M_pre": (N,), "Whole region": (N,)}}
-        as numpy arrays.
-    """
-    device, parts = autoencoder.face_model.mean_shape.device, []
-    with torch.no_grad(), focus.eval_mode(autoencoder):
-        for first in range(0, faces["image"].shape[0], batch_size):
-            batch = {k: faces[k][first:first + batch_size].to(device)
-                     for k in ("image", "theta", "visible_face", "neutral")}
-            parts.append(_diagnose_batch(autoencoder, batch, xi=xi))
-    cat = lambda values: torch.cat(values).cpu().numpy()
-    result = {group: {name: cat([p[group][name] for p in parts]) for name in parts[0][group]}
-              for group in ("rmse", "errors", "shape", "f1")}
-    result["landmarks_px"] = cat([p["landmarks_px"] for p in parts])
-    result["pose"] = {name: cat([p["pose"][name] for p in parts]) for name in ("R", "true")}
-    return result
-
-
-SHRINK_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
-
-
-def loss_towards_truth(autoencoder, faces: dict, cfg, *, scales=SHRINK_SCALES,
-                       batch_size: int = 32) -> Dict[float, float]:
-    """Is the truth the minimum of the training loss? L_R (Eq. 8, with `cfg`'s weights and
-    pixel form, every rendered pixel kept, no F) at the true theta with its identity,
-    expression and albedo coefficients scaled by s, for each s in `scales`. A minimum below
-    s = 1 means the loss itself pulls R towards the mean face, whatever the training does.
-
-    Args:
-        autoencoder: gives the face model and decoder.
-        faces: "image", "theta", "landmarks" as `test_sets` holds them.
-        cfg: a `train.Config` (lambda_pixel, lambda_lm, lambda_reg, pixel_form).
-    Returns:
-        {s: L_R over the faces} (the batches' L_R, weighted by their number of faces).
-    """
-    device, model = autoencoder.face_model.mean_shape.device, autoencoder.face_model
-    totals, count = {s: 0.0 for s in scales}, 0
-    with torch.no_grad():
-        for first in range(0, faces["image"].shape[0], batch_size):
-            images, lm_target, theta = (faces[k][first:first + batch_size].to(device)
-                                        for k in ("image", "landmarks", "theta"))
-            true, H, W = bfm.split_theta(theta), images.shape[-2], images.shape[-1]
-            for s in scales:
-                scaled = true._replace(id=s * true.id, exp=s * true.exp, albedo=s * true.albedo)
-                out = autoencoder.decode(scaled, height=H, width=W)
-                loss, _ = losses.autoencoder_loss(
-                    images, out.image, torch.ones_like(out.region), out.region,
-                    lm_target=lm_target, lm_pred=out.landmarks, lm_weights=model.landmark_weights,
-                    coefficients=(scaled.id, scaled.exp, scaled.albedo),
-                    pixel_form=cfg.pixel_form, lambda_pixel=cfg.lambda_pixel,
-                    lambda_lm=cfg.lambda_lm, lambda_reg=cfg.lambda_reg)
-                totals[s] += loss.item() * images.shape[0]
-            count += images.shape[0]
-    return {s: total / count for s, total in totals.items()}
-
-
-POSE_NAMES = ("pitch", "yaw", "roll", "tx", "ty", "tz")
-
-
-def pose_spread(pose: dict) -> Dict[str, dict]:
-    """Per pose number: the spread (std) of the truth and of R's predictions, and their
-    correlation. A predicted spread well below the truth's with a high correlation is an
-    output that points the right way but is shrunk (it has not yet grown to its range).
-
-    Args:
-        pose: {"R": (N, 6), "true": (N, 6)} numpy arrays, angles in radians, shifts in mm.
-    """
-    out = {}
-    for k, name in enumerate(POSE_NAMES):
-        r, t = pose["R"][:, k], pose["true"][:, k]
-        both = r.std() > 0 and t.std() > 0
-        out[name] = {"true_std": float(t.std()), "R_std": float(r.std()),
-                     "correlation": float(np.corrcoef(r, t)[0, 1]) if both else float("nan")}
-    return out
-
-
-def _diagnose_batch(autoencoder, batch: dict, *, xi: float) -> dict:
-    """`diagnose` on one batch, as tensors (B,)."""
-    images, model = batch["image"], autoencoder.face_model
-    H, W = images.shape[-2:]
-    predicted, true = autoencoder.encoder(images), bfm.split_theta(batch["theta"])
-    variants = {"predicted": predicted, "true": true}
-    variants.update({f"{g} true": swap_groups(predicted, true, [g]) for g in GROUPS})
-    variants.update({f"only {g} predicted": swap_groups(
-        predicted, true, [o for o in GROUPS if o != g]) for g in GROUPS})
-    outputs = {row: autoencoder.decode(theta, height=H, width=W)
-               for row, theta in variants.items()}
-    rmse = {row: image_rmse(out.image, images, batch["visible_face"], out.region)
-            for row, out in outputs.items()}
-    zero_exp = torch.zeros_like(predicted.exp)
-    neutral = model.vertices(predicted.id, zero_exp)  # (B, V, 3)
-    mean = model.vertices(torch.zeros_like(predicted.id), zero_exp)  # (B, V, 3)
-    shape = {"R": shape_errors(neutral, batch["neutral"]).mean(dim=1),
-             "Mean face": shape_errors(mean, batch["neutral"]).mean(dim=1)}
-    out = outputs["predicted"]
-    masks = {"M_pre": losses.preliminary_mask(images, out.image, out.region, xi=xi),
-             "Whole region": out.region}
-    f1 = {name: segmentation_scores(mask, batch["visible_face"], out.region)["F1"]
-          for name, mask in masks.items()}
-    # mean distance of the 68 landmarks from their noise-free projection, px
-    landmarks = (out.landmarks - outputs["true"].landmarks).norm(dim=-1).mean(dim=1)  # (B,)
-    return {"rmse": rmse, "errors": theta_errors(predicted, true), "shape": shape, "f1": f1,
-            "landmarks_px": landmarks, "pose": {"R": predicted.pose, "true": true.pose}}
-
-
-def diagnosis_markdown(result: dict, title: str) -> str:
-    """`diagnose`'s result as markdown tables (means over the faces)."""
-    m = lambda x: float(np.nanmean(x))
-    lines = [f"### {title}", "", "| render | RMSE (0-255) |", "|---|---:|"]
-    lines += [f"| {row} | {m(v):.1f} |" for row, v in result["rmse"].items()]
-    e = result["errors"]
-    lines += ["", "| theta group | error | predicting 0 |", "|---|---:|---:|"]
-    for name in ("identity", "expression", "albedo", "light"):
-        lines.append(f"| {name} (RMS) | {m(e[name]):.3f} | {m(e[name + '_size']):.3f} |")
-    lines += [f"| light tint L_mono (true: {m(e['light_tint_true']):.4f}) | "
-              f"{m(e['light_tint']):.4f} | |",
-              f"| albedo coefficients (RMS, prior 1) | {m(e['albedo_predicted']):.3f} | |",
-              f"| angles (deg) | {m(e['angles_deg']):.2f} | |",
-              f"| shift x, y (mm) | {m(e['shift_mm']):.2f} | |",
-              f"| depth (mm) | {m(e['depth_mm']):.2f} | |",
-              f"| landmarks (px) | {m(result['landmarks_px']):.2f} | |",
-              "", "| neutral shape | mean error (mm) |", "|---|---:|"]
-    lines += [f"| {row} | {m(v):.3f} |" for row, v in result["shape"].items()]
-    lines += ["", "| mask on R's render | F1 |", "|---|---:|"]
-    lines += [f"| {row} | {m(v):.3f} |" for row, v in result["f1"].items()]
-    lines += ["", "| pose (rad, mm) | spread of the truth | spread of R | correlation |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {v['true_std']:.3f} | {v['R_std']:.3f} | {v['correlation']:.2f} |"
-              for name, v in pose_spread(result["pose"]).items()]
-    return "\n".join(lines) + "\n"
-
-
-def diagnose_run(run_dir: str, *, stage: str = "em", count: int = 64, out: str = "results",
-                 subsets=("unoccluded", "random"), device: str = "cpu",
-                 seed: int = EVAL_SEED) -> str:
-    """`diagnose` R of a run's finished `stage` on held-out faces of `subsets` drawn with
-    `seed` (the test faces by default; `VALIDATION_SEED` to choose settings); writes
-    diagnosis.md and diagnosis.json to `out` and returns the markdown."""
-    cfg, autoencoder, _ = train.load_models(run_dir, stage=stage, device=device)
-    face_model = autoencoder.face_model
-    sets = test_sets(face_model, cfg.image_size, count, subsets=subsets, seed=seed,
-                     aligned=cfg.aligned_faces)
-    parts, numbers = [f"## Diagnosis of R: {run_dir} ({stage}), {count} faces per subset, "
-                      f"seed {seed}", ""], {}
-    for subset, faces in sets.items():
-        result = diagnose(autoencoder, faces, xi=cfg.xi)
-        shrink = loss_towards_truth(autoencoder, faces, cfg)
-        parts.append(diagnosis_markdown(result, subset))
-        parts += ["| L_R at the true theta, coefficients x s | "
-                  + " | ".join(f"s = {k:g}" for k in shrink) + " |",
-                  "|---" + "|---:" * len(shrink) + "|",
-                  "| | " + " | ".join(f"{v:.4f}" for v in shrink.values()) + " |", ""]
-        numbers[subset] = {"rmse": {k: float(np.nanmean(v)) for k, v in result["rmse"].items()},
-                           "errors": {k: float(np.nanmean(v)) for k, v in result["errors"].items()},
-                           "landmarks_px": float(np.nanmean(result["landmarks_px"])),
-                           "shape": {k: float(np.nanmean(v)) for k, v in result["shape"].items()},
-                           "f1": {k: float(np.nanmean(v)) for k, v in result["f1"].items()},
-                           "pose": pose_spread(result["pose"]),
-                           "loss_towards_truth": {str(k): v for k, v in shrink.items()}}
-    markdown = "\n".join(parts)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "diagnosis.md"), "w") as f:
+def write_results(out: str, rows: dict, tests: dict, info: dict) -> str:
+    """tables.md and results.json in `out`; returns the markdown."""
+    markdown = tables_markdown(rows, tests, info)
+    with open(os.path.join(out, "tables.md"), "w") as f:
         f.write(markdown)
-    with open(os.path.join(out, "diagnosis.json"), "w") as f:
-        json.dump({"run": run_dir, "stage": stage, "count": count, "seed": seed,
-                   "subsets": numbers}, f, indent=1)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"info": info, "rows": rows, "misfit_prior_t_test": tests}, f, indent=1)
     return markdown
+
+
+def write_figures(out: str, methods: List[Method], rows: dict, sets: Dict[str, dict], *,
+                  prior, face_model, cfgs: dict, skin_model, models, device: str) -> None:
+    """per_subset.png, qualitative.png, misfit_prior.png (with a prior) and the FOCUS run's
+    em_progress.png in `out`."""
+    subsets = [s for s in SUBSETS if any(s in r for r in rows.values())]
+    figures.figure_per_subset(os.path.join(out, "per_subset.png"), rows, subsets,
+                              _own_reconstruction(rows))
+    shown = [m for m in methods if m.label in ("MoFA", "Supervised", "Skin detector",
+                                               "Pretrained", "FOCUS")]
+    columns, row_labels = qualitative_columns(shown, sets, skin_model=skin_model, models=models,
+                                              device=device)
+    figures.figure_qualitative(os.path.join(out, "qualitative.png"), columns, row_labels)
+    if prior is not None:
+        figures.figure_misfit_prior(os.path.join(out, "misfit_prior.png"), prior, face_model)
+    for r, cfg in cfgs.items():
+        progress = os.path.join(r, "figures", "em_progress.png")
+        if os.path.exists(progress) and cfg.variant == "focus" \
+                and cfg.segmenter_losses == "full":
+            shutil.copyfile(progress, os.path.join(out, "em_progress.png"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -958,7 +687,7 @@ def swept_setting(cfg, reference) -> Optional[tuple]:
     if not differ:
         return None
     if len(differ) > 1 or differ[0] not in SWEPT:
-        raise train.RunError(f"a sweep run must differ from the reference in one of {SWEPT} "
+        raise runs.RunError(f"a sweep run must differ from the reference in one of {SWEPT} "
                              f"only, got {differ}")
     return differ[0], getattr(cfg, differ[0])
 
@@ -970,15 +699,15 @@ def sweep(run_dirs: List[str], *, out: str = "results", count: int = 50, device:
 
     Writes sweep.md, sweep.json and sweep.png (F1 against each eta, Supp. Fig. 4) to `out`.
     """
-    cfgs = {r: train.read_config(r) for r in run_dirs}
+    cfgs = {r: runs.read_config(r) for r in run_dirs}
     references = [r for r in run_dirs if all(
         len([f for f in dataclasses.fields(c) if getattr(c, f.name) != getattr(cfgs[r], f.name)])
         <= 1 for c in cfgs.values())]
     if not references:
-        raise train.RunError("no reference run: every sweep run must differ from one run (the "
+        raise runs.RunError("no reference run: every sweep run must differ from one run (the "
                              "reference) in a single eta")
     reference = cfgs[references[0]]
-    model = bfm.load_face_model(reference.face_model)
+    model = face_models.load_face_model(reference.face_model)
     sets = test_sets(model, reference.image_size, count, subsets=subsets,
                      aligned=reference.aligned_faces)
     points = []
@@ -1003,34 +732,9 @@ def sweep(run_dirs: List[str], *, out: str = "results", count: int = 50, device:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "sweep.json"), "w") as f:
         json.dump(points, f, indent=1)
-    figure_sweep(os.path.join(out, "sweep.png"), points)
+    figures.figure_sweep(os.path.join(out, "sweep.png"), points)
     print("\n".join(lines) + f"\nwrote {out}/sweep.md, sweep.json and sweep.png")
     return points
-
-
-def figure_sweep(path: str, points: List[dict]) -> None:
-    """Supp. Fig. 4: mask F1 against each swept eta (log axis), reference marked."""
-    from matplotlib.figure import Figure
-    names = list(dict.fromkeys(p["eta"] for p in points))
-    fig = Figure(figsize=(4 * max(len(names), 1), 3.2))
-    axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
-    for ax, name in zip(axes, names):
-        chosen = [p for p in points if p["eta"] == name]
-        for group, style in (("occluded", "o-"), ("unoccluded", "s--")):
-            ax.plot([p["value"] for p in chosen], [p.get(group, float("nan")) for p in chosen],
-                    style, label=group)
-        for p in chosen:
-            if p["reference"]:
-                ax.axvline(p["value"], color="grey", lw=0.8)
-        ax.set_xscale("log")
-        values = sorted({p["value"] for p in chosen})
-        ax.set_xticks(values, [f"{v:g}" for v in values])
-        ax.minorticks_off()
-        ax.set_xlabel(name)
-        ax.set_ylabel("mask F1")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1049,7 +753,7 @@ def compare_fitting(run_dir: str, *, count: int = 8, subsets=SUBSETS, steps: int
         {row label: summarize()-style dict over "occluded" / "unoccluded" / "overall"}.
     """
     import fit as fitting
-    cfg, autoencoder, segmenter = train.load_models(run_dir, stage="em", device=device)
+    cfg, autoencoder, segmenter = runs.load_models(run_dir, stage="em", device=device)
     model = autoencoder.face_model
     sets = test_sets(model, cfg.image_size, count, subsets=subsets, aligned=cfg.aligned_faces)
     focus_method = Method("FOCUS", run_dir, "em", "segmenter")
@@ -1102,8 +806,7 @@ def export(run_dir: str, images: str, out: str, *, csv_path: Optional[str] = Non
     """Reconstruct every image of a folder (landmark CSV in the official format) with a trained
     run: <name>.obj (neutral-pose mesh with albedo colours), <name>_mask.png (rounded face
     mask), <name>_recon.png (the reconstruction over the aligned image). Returns the count."""
-    from PIL import Image
-    cfg, autoencoder, segmenter = train.load_models(run_dir, stage="em", device=device)
+    cfg, autoencoder, segmenter = runs.load_models(run_dir, stage="em", device=device)
     faces = data.ImageFolderFaces(images, csv_path, size=cfg.image_size)
     os.makedirs(out, exist_ok=True)
     model = autoencoder.face_model
@@ -1119,10 +822,9 @@ def export(run_dir: str, images: str, out: str, *, csv_path: Optional[str] = Non
         bfm.save_obj(os.path.join(out, f"{name}.obj"), result.vertices[0].cpu(),
                      model.triangles.cpu(), result.albedo[0].clamp(0, 1).cpu())
         pictures = {"mask": (mask[0] >= 0.5).float().expand(3, -1, -1),
-                    "recon": render_over(image, result.image, result.region)[0]}
+                    "recon": figures.render_over(image, result.image, result.region)[0]}
         for kind, picture in pictures.items():
-            array = (picture.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round()
-            Image.fromarray(array.astype(np.uint8)).save(os.path.join(out, f"{name}_{kind}.png"))
+            figures.save_png(picture, os.path.join(out, f"{name}_{kind}.png"))
         print(f"{index + 1}/{len(faces)} {name}", flush=True)
     return len(faces)
 
@@ -1131,106 +833,80 @@ def export(run_dir: str, images: str, out: str, *, csv_path: Optional[str] = Non
 # command line
 # ----------------------------------------------------------------------------------------------
 
-def diagnose_main(argv: list) -> None:
-    """`python evaluate.py diagnose ...`: the CLI of `diagnose_run`."""
+def export_main(argv: list) -> None:
+    """`python evaluate.py export ...`: the command line of `export`."""
     parser = argparse.ArgumentParser(
-        prog="evaluate.py diagnose", description="Where R's image error comes from: RMSE "
-        "with each theta group replaced by the ground truth, the error of each group, the "
-        "landmark error and the mean-face shape floor, on held-out synthetic faces.")
-    parser.add_argument("--run", required=True, help="run dir")
-    parser.add_argument("--stage", default="em", choices=train.STAGES,
-                        help="the checkpoint to diagnose (default em)")
-    parser.add_argument("--count", type=int, default=64, help="faces per subset (default 64)")
-    parser.add_argument("--subsets", nargs="+", default=["unoccluded", "random"],
-                        choices=SUBSETS)
+        prog="evaluate.py export", description="Reconstruct a folder of aligned-by-landmark "
+        "photos with a trained run: .obj meshes, masks and reconstructions.")
+    parser.add_argument("--run", required=True, help="run dir with a finished em stage")
+    parser.add_argument("--images", required=True, help="folder of images")
+    parser.add_argument("--csv", help="landmark CSV (default IMAGES/landmarks.csv)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        count = export(args.run, args.images, args.out, csv_path=args.csv, device=args.device)
+    except (runs.RunError, data.BadInput) as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {count} reconstructions to {args.out}")
+
+
+def sweep_main(argv: list) -> None:
+    """`python evaluate.py sweep ...`: the command line of `sweep`."""
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py sweep", description="Mask F1 of runs that each change one eta "
+        "of a reference run (Supp. Fig. 4): experiments.py --group sweep trains them.")
+    parser.add_argument("--run", "--runs", dest="runs", nargs="+", required=True)
+    parser.add_argument("--count", type=int, default=50, help="faces per subset (default 50)")
+    parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=SUBSETS)
     parser.add_argument("--out", default="results")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--validation", action="store_true",
-                        help=f"faces of the validation seed {VALIDATION_SEED} (to choose "
-                             f"settings on) instead of the test seed {EVAL_SEED}")
     args = parser.parse_args(argv)
-    if args.count < 1:
-        parser.error("--count must be >= 1")
     try:
-        print(diagnose_run(args.run, stage=args.stage, count=args.count, out=args.out,
-                           subsets=tuple(args.subsets), device=args.device,
-                           seed=VALIDATION_SEED if args.validation else EVAL_SEED))
-    except train.RunError as error:
+        sweep(args.runs, out=args.out, count=args.count, device=args.device,
+              subsets=tuple(args.subsets))
+    except runs.RunError as error:
         sys.exit(f"error: {error}")
-    print(f"wrote {args.out}/diagnosis.md and diagnosis.json")
 
 
-def main(argv: Optional[list] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["export"]:
-        parser = argparse.ArgumentParser(
-            prog="evaluate.py export", description="Reconstruct a folder of aligned-by-landmark "
-            "photos with a trained run: .obj meshes, masks and reconstructions.")
-        parser.add_argument("--run", required=True, help="run dir with a finished em stage")
-        parser.add_argument("--images", required=True, help="folder of images")
-        parser.add_argument("--csv", help="landmark CSV (default IMAGES/landmarks.csv)")
-        parser.add_argument("--out", required=True)
-        parser.add_argument("--device", default="cpu")
-        args = parser.parse_args(argv[1:])
-        try:
-            count = export(args.run, args.images, args.out, csv_path=args.csv,
-                           device=args.device)
-        except (train.RunError, data.BadInput) as error:
-            sys.exit(f"error: {error}")
-        print(f"wrote {count} reconstructions to {args.out}")
-        return
-    if argv[:1] == ["sweep"]:
-        parser = argparse.ArgumentParser(
-            prog="evaluate.py sweep", description="Mask F1 of runs that each change one eta "
-            "of a reference run (Supp. Fig. 4): experiments.py --group sweep trains them.")
-        parser.add_argument("--run", "--runs", dest="runs", nargs="+", required=True)
-        parser.add_argument("--count", type=int, default=50, help="faces per subset (default 50)")
-        parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=SUBSETS)
-        parser.add_argument("--out", default="results")
-        parser.add_argument("--device", default="cpu")
-        args = parser.parse_args(argv[1:])
-        try:
-            sweep(args.runs, out=args.out, count=args.count, device=args.device,
-                  subsets=tuple(args.subsets))
-        except train.RunError as error:
-            sys.exit(f"error: {error}")
-        return
-    if argv[:1] == ["diagnose"]:
-        return diagnose_main(argv[1:])
-    if argv[:1] == ["fitting"]:
-        parser = argparse.ArgumentParser(
-            prog="evaluate.py fitting", description="Per-image fitting (fit.py: plain, robust, "
-            "segmenter masks) vs the trained FOCUS networks on the same held-out faces.")
-        parser.add_argument("--run", required=True, help="a FOCUS run dir with a finished em")
-        parser.add_argument("--count", type=int, default=8, help="faces per subset (default 8)")
-        parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=SUBSETS)
-        parser.add_argument("--steps", type=int, default=300, help="fit steps after the "
-                            "landmark-only start (default 300)")
-        parser.add_argument("--landmark-steps", type=int, default=100)
-        parser.add_argument("--out", default="results")
-        parser.add_argument("--device", default="cpu")
-        args = parser.parse_args(argv[1:])
-        try:
-            if train.read_config(args.run).variant != "focus":
-                sys.exit(f"error: {args.run} has no segmenter (variant "
-                         f"{train.read_config(args.run).variant!r}): give a FOCUS run")
-            rows = compare_fitting(args.run, count=args.count, subsets=tuple(args.subsets),
-                                   steps=args.steps, landmark_steps=args.landmark_steps,
-                                   device=args.device)
-        except train.RunError as error:
-            sys.exit(f"error: {error}")
-        markdown = table_fitting(rows) + "\n"
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "fitting.md"), "w") as f:
-            f.write(markdown)
-        with open(os.path.join(args.out, "fitting.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        print(markdown + f"wrote {args.out}/fitting.md and fitting.json")
-        return
+def fitting_main(argv: list) -> None:
+    """`python evaluate.py fitting ...`: the command line of `compare_fitting`."""
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py fitting", description="Per-image fitting (fit.py: plain, robust, "
+        "segmenter masks) vs the trained FOCUS networks on the same held-out faces.")
+    parser.add_argument("--run", required=True, help="a FOCUS run dir with a finished em")
+    parser.add_argument("--count", type=int, default=8, help="faces per subset (default 8)")
+    parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=SUBSETS)
+    parser.add_argument("--steps", type=int, default=300, help="fit steps after the "
+                        "landmark-only start (default 300)")
+    parser.add_argument("--landmark-steps", type=int, default=100)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        if runs.read_config(args.run).variant != "focus":
+            sys.exit(f"error: {args.run} has no segmenter (variant "
+                     f"{runs.read_config(args.run).variant!r}): give a FOCUS run")
+        rows = compare_fitting(args.run, count=args.count, subsets=tuple(args.subsets),
+                               steps=args.steps, landmark_steps=args.landmark_steps,
+                               device=args.device)
+    except runs.RunError as error:
+        sys.exit(f"error: {error}")
+    markdown = table_fitting(rows) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fitting.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(args.out, "fitting.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(markdown + f"wrote {args.out}/fitting.md and fitting.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate trained runs on held-out synthetic faces: the paper's Tab. 1, 3, "
                     "4, 5 as markdown and JSON, and figures. `evaluate.py export --help` for "
-                    "reconstructing a folder of photos.")
+                    "reconstructing a folder of photos; `evaluate.py fitting --help` and "
+                    "`evaluate.py sweep --help` for the other comparisons.")
     parser.add_argument("--run", "--runs", dest="runs", nargs="+", required=True,
                         help="run dirs (e.g. runs/cpu runs/cpu-mofa); rows follow each run's "
                              "variant")
@@ -1239,6 +915,15 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--out", default="results", help="output folder (default results)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-figures", action="store_true")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"export": export_main, "sweep": sweep_main, "fitting": fitting_main}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.count < 2:
         parser.error("--count must be >= 2")
@@ -1248,8 +933,8 @@ def main(argv: Optional[list] = None) -> None:
                          f"--stage init` then `--stage em`, or `python experiments.py`)")
     try:
         evaluate_runs(args.runs, out=args.out, count=args.count, subsets=tuple(args.subsets),
-                      device=args.device, figures=not args.no_figures)
-    except train.RunError as error:
+                      device=args.device, with_figures=not args.no_figures)
+    except runs.RunError as error:
         sys.exit(f"error: {error}")
 
 

@@ -14,7 +14,7 @@
 The init stage does not depend on the segmenter losses, so the Baseline ablation starts its EM
 from the FOCUS run's finished init checkpoint (the same file an own init run would write).
 The Perceptual ablation needs the perceptual network F, which at `cpu` costs about 4 s per
-batch (README, deviations): run it with `python train.py --stage all --perceptual dlib
+batch (docs/deviations.md): run it with `python train.py --stage all --perceptual dlib
 --segmenter-losses perceptual` where time allows; evaluate.py picks up any run it is given.
 
 Every stage runs as `python train.py ...` in its own process; a stage already finished is
@@ -37,7 +37,8 @@ import threading
 import time
 from typing import NamedTuple, Optional, Tuple
 
-import train
+import runs
+from config import PRESETS, flag
 
 
 class Experiment(NamedTuple):
@@ -66,7 +67,7 @@ SWEEP_EM_STEPS = 1_200
 SWEEP_EXPERIMENTS = (
     Experiment("sweep-reference", ("--em-steps", str(SWEEP_EM_STEPS)), ("em",),
                init_from="focus"),
-    *(Experiment(f"sweep-{name}-{value:g}", (train._flag(name), str(value), "--em-steps",
+    *(Experiment(f"sweep-{name}-{value:g}", (flag(name), str(value), "--em-steps",
                                             str(SWEEP_EM_STEPS)), ("em",), init_from="focus")
       for name, values in SWEEP.items() for value in values),
 )
@@ -82,10 +83,10 @@ def run_dir_of(root: str, preset: str, experiment: Experiment) -> str:
 
 def stage_done(run_dir: str, stage: str) -> Optional[bool]:
     """True finished, False started, None never started."""
-    path = train.checkpoint_path(run_dir, stage)
+    path = runs.checkpoint_path(run_dir, stage)
     if not os.path.exists(path):
         return None
-    return bool(train.load_checkpoint(path)["done"])
+    return bool(runs.load_checkpoint(path)["done"])
 
 
 def by_name(name: str) -> Experiment:
@@ -166,7 +167,7 @@ def train_all(root: str, preset: str, experiments: list, jobs: int, threads: int
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", choices=sorted(train.PRESETS))
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--root", default="runs", help="folder of the run dirs (default runs)")
     parser.add_argument("--group", choices=sorted(GROUPS), default="tables",
                         help="tables (default): the runs of the result tables; sweep: EM runs "
@@ -189,7 +190,7 @@ def main(argv=None) -> None:
     tic = time.perf_counter()
     try:
         seconds = train_all(args.root, args.preset, experiments, args.jobs, args.threads)
-    except (RuntimeError, train.RunError) as error:
+    except (RuntimeError, runs.RunError) as error:
         sys.exit(f"error: {error}")
     for name, s in seconds.items():
         print(f"{name}: {s / 60:.1f} min of training")
@@ -199,11 +200,11 @@ def main(argv=None) -> None:
     import evaluate
     count = ["--count", str(args.eval_count)] if args.eval_count else []
     for group, command in (("tables", []), ("sweep", ["sweep"])):
-        runs = [run_dir_of(args.root, args.preset, e) for e in GROUPS[group]
-                if os.path.exists(train.checkpoint_path(run_dir_of(args.root, args.preset, e),
+        dirs = [run_dir_of(args.root, args.preset, e) for e in GROUPS[group]
+                if os.path.exists(runs.checkpoint_path(run_dir_of(args.root, args.preset, e),
                                                         "em"))]
-        if runs and any(e in experiments for e in GROUPS[group]):
-            evaluate.main(command + ["--runs", *runs, "--out", args.out] + count)
+        if dirs and any(e in experiments for e in GROUPS[group]):
+            evaluate.main(command + ["--runs", *dirs, "--out", args.out] + count)
     print(f"all: {(time.perf_counter() - tic) / 60:.1f} min")
 
 

@@ -20,8 +20,10 @@ Optimised variables are theta divided by `THETA_STEP`, so that one Adam step mov
 by a comparable amount (coefficients in std units, angles in radians, translations in mm).
 
 Deviations from the paper: none in substance; the paper trains networks and does not fit
-per image. lambda_4 (L_reg) defaults to 0.01 instead of 0.1 (see `fit`). The robust mode's EM alternates a threshold mask with fitting, not Egger et al.'s full likelihood
-models (face, beard, background).
+per image. lambda_4 (L_reg) defaults to 0.01 instead of 0.1: the paper's 0.1 trains a network
+over many images, and one image fitted with it stays near the mean face (the image error falls
+4.7x instead of 7x on tests/test_fit.py's face). The robust mode's EM alternates a threshold
+mask with fitting, not Egger et al.'s full likelihood models (face, beard, background).
 
 Run `python fit.py 3 --mode robust` to fit held-out synthetic sample 3, or
 `python fit.py photo.jpg --landmarks landmarks.csv --mode robust` to fit an image file with its
@@ -36,8 +38,13 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 import bfm
+import face_models
+import figures
+import focus
 import losses
 import renderer
+import runs
+from config import FIT_SAMPLE_SEED
 
 MODES = ("plain", "robust", "segmenter")
 LAMBDA_PIXEL = 0.5  # lambda_1 of Eq. 8
@@ -56,20 +63,17 @@ def theta_step(dtype=torch.float32, device=None) -> torch.Tensor:
 
 class FitResult(NamedTuple):
     theta: torch.Tensor  # (B, 257) the fitted parameters
-    rendered: renderer.Rendered  # the final render
+    rendered: focus.AutoencoderOutput  # the final render (image, region, landmarks, ...)
     mask: torch.Tensor  # (B, 1, H, W) the last mask used in the pixel term
     history: list  # one dict per step: step, stage, L_R and its unweighted terms, kept
     snapshots: list  # (step, (B, 3, H, W) render composited over the target) for a strip
 
 
 def render_theta(theta: torch.Tensor, model: bfm.MorphableModel, *, height: int, width: int,
-                 adjacency: Optional[renderer.Adjacency] = None) -> renderer.Rendered:
-    """I_R = R(theta): decode theta with the face model and render it."""
-    t = bfm.split_theta(theta)
-    vertices = model.vertices(t.id, t.exp)  # (B, V, 3)
-    albedo = model.albedo(t.albedo)  # (B, V, 3)
-    return renderer.render(vertices, albedo, t.sh, t.pose, model.triangles, model.landmarks,
-                           height=height, width=width, adjacency=adjacency)
+                 adjacency: Optional[renderer.Adjacency] = None) -> focus.AutoencoderOutput:
+    """I_R = R(theta) for theta (B, 257): R's own decoder, `focus.decode`."""
+    return focus.decode(bfm.split_theta(theta), model, height=height, width=width,
+                        adjacency=adjacency)
 
 
 def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel, *,
@@ -91,9 +95,8 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
         xi, xi_start, keep_at_least: the robust mode's mask: M_pre's threshold (Eq. 10), a
             stricter first threshold (`relaxed_xi`) and the share of the face kept at least
             (`estimate_mask`).
-        lambda_reg: weight of L_reg (lambda_4 of Eq. 8). The paper's 0.1 trains a network
-            over many images; one image fitted with it stays near the mean face (the image
-            error falls 4.7x instead of 7x on tests/test_fit.py's face), so 0.01 here.
+        lambda_reg: weight of L_reg (lambda_4 of Eq. 8; 0.01, not the paper's 0.1: see the
+            module docstring).
         lambda_mono: weight of the white-light prior L_mono (`losses.light_colour_loss`,
             Deep3D's), which keeps a tinted light from explaining a coloured occluder.
         segmenter: a trained UNet, forward(rendered, target) -> (B, 1, H, W); segmenter mode.
@@ -104,13 +107,10 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
     _check_fit(image, landmarks, mode=mode, segmenter=segmenter, steps=steps,
                landmark_steps=landmark_steps, mask_every=mask_every, xi=xi, xi_start=xi_start,
                keep_at_least=keep_at_least, lambda_mono=lambda_mono)
-    H, W = image.shape[-2:]
     model = model.to(device=image.device)
-    adjacency = renderer.vertex_adjacency(model.triangles, model.num_vertices)
-    draw = lambda theta: render_theta(theta, model, height=H, width=W, adjacency=adjacency)
-    e_step = lambda k, out: estimate_mask(  # at robust step k; None: the final mask
-        image, out, mode=mode, segmenter=segmenter, keep_at_least=keep_at_least,
-        xi=xi if k is None else relaxed_xi(k, steps, xi=xi, xi_start=xi_start))
+    draw, e_step = decoder_and_e_step(image, model, mode=mode, steps=steps, xi=xi,
+                                      xi_start=xi_start, keep_at_least=keep_at_least,
+                                      segmenter=segmenter)
     step_scale = theta_step(image.dtype, image.device)  # (257,)
     free = torch.zeros(image.shape[0], step_scale.numel(), dtype=image.dtype, device=image.device,
                        requires_grad=True)
@@ -119,18 +119,11 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
                    lambda_reg=lambda_reg, lambda_mono=lambda_mono)
     mask, history, snapshots = torch.ones_like(image[:, :1]), [], []
     for step in range(landmark_steps + steps):
-        theta, out = free * step_scale, None  # (B, 257)
-        if step < landmark_steps:  # the pixel term is off: render nothing
-            total, terms = landmark_stage_loss(bfm.split_theta(theta), model, landmarks,
-                                               height=H, width=W, **weights)
-        else:
-            out = draw(theta)
-            if mode != "plain" and (step - landmark_steps) % mask_every == 0:
-                mask = e_step(step - landmark_steps, out)
-            total, terms = full_loss(image, landmarks, theta, out, mask, features, **weights)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
+        theta = free * step_scale  # (B, 257)
+        total, terms, out, mask = fit_step(
+            step - landmark_steps, theta, mask, optimizer, image=image, landmarks=landmarks,
+            model=model, mode=mode, mask_every=mask_every, draw=draw, e_step=e_step,
+            features=features, weights=weights)
         history.append(history_row(step, "landmarks" if out is None else mode, total, terms,
                                    mask, out))
         if callback is not None:
@@ -143,6 +136,46 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
         out = draw(theta)
         mask = e_step(None, out) if mode != "plain" else mask
     return FitResult(theta.detach(), out, mask * out.region, history, snapshots)
+
+
+def decoder_and_e_step(image: torch.Tensor, model: bfm.MorphableModel, *, mode: str, steps: int,
+                       xi: float, xi_start: Optional[float], keep_at_least: float,
+                       segmenter: Optional[torch.nn.Module]):
+    """`fit`'s two functions of the current fit: draw(theta) -> the render at the image's size
+    (`render_theta`), and e_step(k, render) -> the mask M at full-loss step k (threshold
+    `relaxed_xi`; k None: the final mask at `xi`, `estimate_mask`)."""
+    H, W = image.shape[-2:]
+    adjacency = renderer.vertex_adjacency(model.triangles, model.num_vertices)
+    draw = lambda theta: render_theta(theta, model, height=H, width=W, adjacency=adjacency)
+    e_step = lambda k, out: estimate_mask(  # at robust step k; None: the final mask
+        image, out, mode=mode, segmenter=segmenter, keep_at_least=keep_at_least,
+        xi=xi if k is None else relaxed_xi(k, steps, xi=xi, xi_start=xi_start))
+    return draw, e_step
+
+
+def fit_step(k: int, theta: torch.Tensor, mask: torch.Tensor, optimizer, *, image, landmarks,
+             model: bfm.MorphableModel, mode: str, mask_every: int, draw, e_step, features,
+             weights: dict):
+    """One Adam step of `fit` at full-loss step k (k < 0: the landmark stage, which renders
+    nothing): the E-step every `mask_every` steps (robust, segmenter), L_R, backward, step.
+
+    Returns:
+        (L_R, its unweighted terms, the render or None, the mask M now in use).
+    """
+    if k < 0:  # the pixel term is off: render nothing
+        H, W = image.shape[-2:]
+        out = None
+        total, terms = landmark_stage_loss(bfm.split_theta(theta), model, landmarks,
+                                           height=H, width=W, **weights)
+    else:
+        out = draw(theta)
+        if mode != "plain" and k % mask_every == 0:
+            mask = e_step(k, out)
+        total, terms = full_loss(image, landmarks, theta, out, mask, features, **weights)
+    optimizer.zero_grad()
+    total.backward()
+    optimizer.step()
+    return total, terms, out, mask
 
 
 def _check_fit(image, landmarks, *, mode, segmenter, steps, landmark_steps, mask_every, xi,
@@ -165,7 +198,7 @@ def _check_fit(image, landmarks, *, mode, segmenter, steps, landmark_steps, mask
         raise ValueError(f"keep_at_least is a share in [0, 1), got {keep_at_least}")
 
 
-def full_loss(image, landmarks, theta, out: renderer.Rendered, mask, features, *, lm_weights,
+def full_loss(image, landmarks, theta, out: focus.AutoencoderOutput, mask, features, *, lm_weights,
               lambda_reg: float, lambda_mono: float):
     """L_R (Eq. 8) of a render under the mask M: (scalar, dict of the unweighted terms)."""
     parts = bfm.split_theta(theta)
@@ -216,7 +249,7 @@ def relaxed_xi(step: int, steps: int, *, xi: float, xi_start: Optional[float]) -
 
 
 @torch.no_grad()
-def estimate_mask(image: torch.Tensor, out: renderer.Rendered, *, mode: str, xi: float,
+def estimate_mask(image: torch.Tensor, out: focus.AutoencoderOutput, *, mode: str, xi: float,
                   segmenter: Optional[torch.nn.Module], keep_at_least: float = 0.0) -> torch.Tensor:
     """The E-step: the face mask M (B, 1, H, W) for the current fit (no gradient).
 
@@ -239,36 +272,24 @@ def estimate_mask(image: torch.Tensor, out: renderer.Rendered, *, mode: str, xi:
     return keep.to(image.dtype)
 
 
-def composite(out: renderer.Rendered, image: torch.Tensor) -> torch.Tensor:
+def composite(out: focus.AutoencoderOutput, image: torch.Tensor) -> torch.Tensor:
     """The render pasted over the target: (B, 3, H, W)."""
     return out.image.clamp(0, 1) * out.region + image * (1 - out.region)
 
 
 # ----------------------------------------------------------------------------- command line
 
-def _save_png(path: str, image: torch.Tensor) -> None:
-    """(3, H, W) or (1, H, W) in [0, 1] to a PNG."""
-    from PIL import Image
-    array = (image.clamp(0, 1) * 255).round().byte()
-    array = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
-    Image.fromarray(array.cpu().numpy()).save(path)
-
-
-def _progress_strip(snapshots, target: torch.Tensor) -> torch.Tensor:
-    """Target followed by the snapshots of sample 0, side by side: (3, H, (1 + n) W)."""
-    return torch.cat([target[0]] + [image[0] for _, image in snapshots], dim=2)
-
-
 LANDMARK_HINT = ("68 landmarks per image, one CSV row `filename, x1, y1, ..., x68, y68`; "
                  "`python data.py prepare PHOTOS OUT` detects them with the optional dlib")
 
 
 def _synthetic_sample(index: int, model: bfm.MorphableModel, *, size: int, subset: str):
-    """Held-out synthetic sample `index` (seed 1): image (1, 3, S, S), landmarks (1, 68, 2)."""
+    """Held-out synthetic sample `index` (seed `config.FIT_SAMPLE_SEED`): image (1, 3, S, S),
+    landmarks (1, 68, 2)."""
     import data
 
-    dataset = data.SyntheticFaces(face_model=model, size=size, subset=subset, seed=1,
-                                  length=index + 1)
+    dataset = data.SyntheticFaces(face_model=model, size=size, subset=subset,
+                                  seed=FIT_SAMPLE_SEED, length=index + 1)
     sample = torch.utils.data.default_collate([dataset[index]])
     return sample["image"], sample["landmarks"]
 
@@ -349,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="robust mode: a stricter first M_pre threshold, relaxed to --xi "
                              "over the first half of the steps")
     parser.add_argument("--size", type=int, default=224, help="the fitting size (SIZE x SIZE)")
-    parser.add_argument("--face-model", default="toy", help="a bfm.load_face_model spec")
+    parser.add_argument("--face-model", default="toy", help="a face_models.load_face_model spec")
     parser.add_argument("--out", default=os.path.join("out", "fit"))
     return parser
 
@@ -367,11 +388,9 @@ def main(argv=None) -> FitResult:
         if args.run is None:
             parser.error("--mode segmenter needs a trained segmenter: pass --run RUN_DIR "
                          "(a train.py run)")
-        import train
-
         try:
-            cfg, _, segmenter = train.load_models(args.run, stage="em")
-        except train.RunError as error:
+            cfg, _, segmenter = runs.load_models(args.run, stage="em")
+        except runs.RunError as error:
             parser.error(str(error))
         if segmenter is None:
             parser.error(f"{args.run}: variant {cfg.variant!r} trains no segmenter")
@@ -386,7 +405,7 @@ def main(argv=None) -> FitResult:
                      f"--mode {args.mode}")
 
     if sample_index:
-        model = bfm.load_face_model(args.face_model)
+        model = face_models.load_face_model(args.face_model)
         image, landmarks = _synthetic_sample(int(args.input), model, size=args.size,
                                              subset=args.subset)
     else:
@@ -395,7 +414,7 @@ def main(argv=None) -> FitResult:
             image, landmarks = _image_file_sample(args.input, csv_path, size=args.size)
         except data.BadInput as error:
             parser.error(str(error))
-        model = bfm.load_face_model(args.face_model)  # after the file checks: it takes a while
+        model = face_models.load_face_model(args.face_model)  # after the file checks: slow
     if args.steps < 0 or args.landmark_steps < 0 or args.mask_every < 1 or args.size < 16:
         parser.error("--steps and --landmark-steps must be >= 0, --mask-every >= 1, --size >= 16")
     if args.lambda_mono < 0 or args.xi <= 0 or (args.xi_start is not None and args.xi_start <= 0):
@@ -421,9 +440,10 @@ def write_outputs(out: str, result: FitResult, image: torch.Tensor, model) -> No
         vertices = model.vertices(t.id, t.exp)[0]
         colors = model.albedo(t.albedo)[0].clamp(0, 1)
     bfm.save_obj(os.path.join(out, "fit.obj"), vertices, model.triangles, colors)
-    _save_png(os.path.join(out, "render.png"), composite(result.rendered, image)[0])
-    _save_png(os.path.join(out, "mask.png"), result.mask[0])
-    _save_png(os.path.join(out, "progress.png"), _progress_strip(result.snapshots, image))
+    figures.save_png(composite(result.rendered, image)[0], os.path.join(out, "render.png"))
+    figures.save_png(result.mask[0], os.path.join(out, "mask.png"))
+    figures.save_png(figures.progress_strip(result.snapshots, image),
+                     os.path.join(out, "progress.png"))
     print(f"wrote fit.obj, render.png, mask.png, progress.png to {out}")
 
 

@@ -15,8 +15,10 @@ Paper map (Li et al., CVPR 2023, Sec. 3.1 and Fig. 2; Sec. 4.1; Supp. A.2):
   nearest-neighbour upsampling followed by 3 x 3 conv + BN + ReLU, skip concatenation, a 1 x 1
   output conv and sigmoid(5 x logit). 34,528,769 parameters (the paper's 34.5M, Supp. A.2).
 - `FaceAutoencoder`: R = encoder + face model (`bfm.MorphableModel`) + renderer
-  (`renderer.render`), I_R = R(theta) (Sec. 3.1); `reconstruct` is the inference path of
-  Fig. 2b (reconstruction and mask in one call, without gradients).
+  (`renderer.render`), I_R = R(theta) (Sec. 3.1); `decode` is its theta-to-render half, the
+  one fit.py fits through; `reconstruct` is the inference path of Fig. 2b (reconstruction and
+  mask in one call, without gradients); `apply_misfit_prior` corrects a predicted shape by the
+  misfit prior, P - E_MP (Sec. 3.4).
 
 Conventions: B batch, V vertices, H x W image. Images (B, 3, H, W) with values in [0, 1];
 masks (B, 1, H, W); vertices (B, V, 3) in model space, millimetres. Every network takes its
@@ -379,16 +381,27 @@ class FaceAutoencoder(nn.Module):
         return self.decode(self.encoder(images), height=H, width=W)
 
     def decode(self, theta: Theta, *, height: int, width: int) -> AutoencoderOutput:
-        """The decoder alone: theta -> face model -> renderer, at height x width."""
-        # P = mu_shape + U_id alpha_id + U_exp alpha_exp
-        vertices = self.face_model.vertices(theta.id, theta.exp)  # (B, V, 3)
-        # T = mu_albedo + U_albedo gamma
-        albedo = self.face_model.albedo(theta.albedo)  # (B, V, 3)
-        rendered = render(vertices, albedo, theta.sh, theta.pose, self.face_model.triangles,
-                          self.face_model.landmarks, height=height, width=width,
-                          adjacency=self.adjacency())
-        return AutoencoderOutput(theta, vertices, albedo, rendered.image, rendered.region,
-                                 rendered.landmarks)
+        """The decoder alone: theta -> face model -> renderer, at height x width (`decode`)."""
+        return decode(theta, self.face_model, height=height, width=width,
+                      adjacency=self.adjacency())
+
+
+def decode(theta: Theta, face_model: MorphableModel, *, height: int, width: int,
+           adjacency: Optional[Adjacency] = None) -> AutoencoderOutput:
+    """I_R = R(theta): theta -> face model -> renderer, at height x width (Sec. 3.1).
+
+    The one theta-to-render path: R's decoder and per-image fitting (fit.py) both use it.
+    `adjacency` is `renderer.vertex_adjacency` of the face model (the renderer builds it when
+    None).
+    """
+    # P = mu_shape + U_id alpha_id + U_exp alpha_exp
+    vertices = face_model.vertices(theta.id, theta.exp)  # (B, V, 3)
+    # T = mu_albedo + U_albedo gamma
+    albedo = face_model.albedo(theta.albedo)  # (B, V, 3)
+    rendered = render(vertices, albedo, theta.sh, theta.pose, face_model.triangles,
+                      face_model.landmarks, height=height, width=width, adjacency=adjacency)
+    return AutoencoderOutput(theta, vertices, albedo, rendered.image, rendered.region,
+                             rendered.landmarks)
 
 
 class Reconstruction(NamedTuple):
@@ -419,6 +432,16 @@ def reconstruct(images: torch.Tensor, autoencoder: FaceAutoencoder,
             # M = S_R * S(I_R, I_T)
             mask = out.region * segmenter(out.image, images)  # (B, 1, H, W)
     return Reconstruction(out.vertices, out.image, mask)
+
+
+def apply_misfit_prior(vertices: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """P_mf = P - E_MP (Sec. 3.4, Eq. 11): (B, V, 3) predicted shapes, (V, 3) prior -> (B, V, 3).
+
+    E_MP is the mean misfit of R_syn on synthetic faces (`train.misfit_prior`)."""
+    if vertices.dim() != 3 or vertices.shape[1:] != prior.shape:
+        raise ValueError(f"vertices (B, V, 3) and prior (V, 3) must agree, got "
+                         f"{tuple(vertices.shape)} and {tuple(prior.shape)}")
+    return vertices - prior.to(vertices)
 
 
 @contextlib.contextmanager

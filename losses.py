@@ -74,12 +74,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from bfm import LANDMARK_WEIGHTS
+
 # xi of the official code (Eq. 10): squared RGB distance < (3 sigma)^2 with sigma = 0.043
 XI_OFFICIAL = (3 * 0.043) ** 2
-
-# 0-based indices with landmark weight 20 (Sec. 3.2): nose ridge and inner lip, as in Deep3D
-NOSE_RIDGE = (28, 29, 30)
-INNER_LIP = (60, 61, 62, 63, 64, 65, 66, 67)
 
 Features = Callable[[Tensor], Tensor]
 
@@ -374,14 +372,14 @@ def landmark_weights(*, dtype: torch.dtype = torch.float32,
     """Per-landmark weights of Eq. 7: 20 on the nose ridge and the inner lip, 1 elsewhere.
 
     Indices are 0-based on the 68-point scheme: nose ridge 28-30, inner lip 60-67 (Deep3D and the
-    official code; the paper names the regions, not the indices).
+    official code; the paper names the regions, not the indices). The values are
+    `bfm.LANDMARK_WEIGHTS`, the one definition, which every face model also carries as its
+    `landmark_weights` buffer.
 
     Returns:
         (68,) weights.
     """
-    weights = torch.ones(68, dtype=dtype, device=device)  # (68,)
-    weights[list(NOSE_RIDGE + INNER_LIP)] = 20.0
-    return weights
+    return torch.tensor(LANDMARK_WEIGHTS, dtype=dtype, device=device)  # (68,)
 
 
 def landmark_loss(lm_target: Tensor, lm_pred: Tensor, weights: Tensor) -> Tensor:

@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import data
+
 
 class PerceptualFeatures(NamedTuple):
     """What F returns: an early feature map (Eq. 2, 4) and the identity embedding (Eq. 6)."""
@@ -68,10 +70,6 @@ class PerceptualFeatures(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # alignment: 5 points, a closed-form similarity, one grid_sample
 # ----------------------------------------------------------------------------------------------
-
-# 0-based iBUG-68 ids: outer and inner corner of each eye, nose tip, mouth corners (Deep3D's
-# `extract_5p`). Order: eye on the image's left, eye on the right, nose, mouth left, mouth right.
-EYE_LEFT, EYE_RIGHT, NOSE_TIP, MOUTH_LEFT, MOUTH_RIGHT = (36, 39), (42, 45), 30, 48, 54
 
 # dlib's mean face (get_face_chip_details): x and y of landmarks 17..67 in a unit square.
 _DLIB_MEAN_FACE_X = (
@@ -98,7 +96,9 @@ ARCFACE_TEMPLATE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.736
 
 
 def five_points(landmarks: Tensor) -> Tensor:
-    """The 5 alignment points of 68 landmarks: eye centres, nose tip, mouth corners.
+    """The 5 alignment points of 68 landmarks: eye centres, nose tip, mouth corners (Deep3D's
+    points, `data.five_points`; order: eye on the image's left, eye on the right, nose, mouth
+    left, mouth right), differentiable.
 
     Args:
         landmarks: (B, 68, 2) pixel coordinates.
@@ -108,10 +108,7 @@ def five_points(landmarks: Tensor) -> Tensor:
     if not isinstance(landmarks, Tensor) or landmarks.dim() != 3 or landmarks.shape[1:] != (68, 2):
         shape = tuple(landmarks.shape) if isinstance(landmarks, Tensor) else type(landmarks)
         raise ValueError(f"landmarks must be a (B, 68, 2) tensor, got {shape}")
-    eye_left = landmarks[:, list(EYE_LEFT)].mean(dim=1)  # (B, 2)
-    eye_right = landmarks[:, list(EYE_RIGHT)].mean(dim=1)  # (B, 2)
-    rest = landmarks[:, [NOSE_TIP, MOUTH_LEFT, MOUTH_RIGHT]]  # (B, 3, 2)
-    return torch.cat([eye_left[:, None], eye_right[:, None], rest], dim=1)  # (B, 5, 2)
+    return data.five_points(landmarks)  # (B, 5, 2)
 
 
 def dlib_template(*, size: int = 150, padding: float = 0.25) -> Tensor:

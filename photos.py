@@ -13,9 +13,9 @@ Deep3D's 5-point crop) from dlib's 68 landmarks, found once with `data.detect_la
 stored below, so nothing here needs dlib.
 
 The ground truth of a real photo is unknown, but that of a pasted occluder is exact: the
-clean photo is fitted first (plain mode), an occluder of one of `data.py`'s families is
-pasted where that fit puts the face (`data.paste_occluder`), and every fitting mode then runs
-on the occluded photo. Measured per case:
+clean photo is fitted first (plain mode), an occluder of one of the synthetic data's families
+is pasted where that fit puts the face (`occluders.paste_occluder`), and every fitting mode
+then runs on the occluded photo. Measured per case:
 - the outlier IoU: the pixels of the fitted face region that the mode's mask calls outliers,
   against the occluder's pixels inside that region (1 = the mask finds exactly the occluder),
   leaving out what the same mode calls outliers on the clean photo (a hat, glasses);
@@ -39,8 +39,12 @@ import torch
 
 import bfm
 import data
-import evaluate
+import face_models
+import figures
 import fit
+import occluders
+import runs
+from config import PHOTO_OCCLUDER_SEEDS
 
 # dlib's 68 landmarks (x, y in photo pixels), found once with `data.detect_landmarks`
 LANDMARKS = {
@@ -64,7 +68,7 @@ LANDMARKS = {
                   230, 143, 243, 142, 229, 150, 223, 151, 217, 150],
 }
 FAMILIES = ("scarf", "sunglasses", "hand")  # occluders pasted on every photo
-SEEDS = (0, 1)  # draws of each occluder
+SEEDS = PHOTO_OCCLUDER_SEEDS  # draws of each occluder
 # robust fitting on these photos (docs/photos.md): a threshold between the paper's 0.17 and the
 # official code's 0.0166, at least half of the face kept while the colour is still off, and
 # Deep3D's white-light prior; the plain fit keeps the paper's loss
@@ -148,9 +152,9 @@ def make_cases(photo: str, image: torch.Tensor, landmarks: torch.Tensor, clean: 
     cases = [Case(photo, "", 0, image, torch.zeros_like(image[:, :1]))]
     for family in families:
         for seed in seeds:
-            occluded, mask = data.paste_occluder(image[0], landmarks[0], clean.rendered.region[0],
-                                                 vertices, model.landmarks, t.pose[0], family,
-                                                 seed=seed)
+            occluded, mask = occluders.paste_occluder(image[0], landmarks[0], clean.rendered.region[0],
+                                                      vertices, model.landmarks, t.pose[0], family,
+                                                      seed=seed)
             cases.append(Case(photo, family, seed, occluded[None], mask[None]))
     return cases
 
@@ -199,15 +203,14 @@ def run(photos=("hopper", "astronaut"), *, size: int = 224, modes=("plain", "rob
     (fitting with the run's S) and "focus" (its R and S in one pass), at the run's image size.
     `options` go to every `fit.fit`, `robust` (default `ROBUST`) to the robust mode's only.
     Returns {"scores": {photo: {case: {mode: scores}}}, "_figure": [(photo, case, pictures)]}."""
-    model = bfm.load_face_model(face_model)
+    model = face_models.load_face_model(face_model)
     options, networks = dict(options or {}), None
     robust = dict(ROBUST if robust is None else robust)
     if run_dir is not None:
-        import train
-        cfg, autoencoder, segmenter = train.load_models(run_dir, stage="em")
+        cfg, autoencoder, segmenter = runs.load_models(run_dir, stage="em")
         if segmenter is None:
             raise PhotoError(f"{run_dir}: variant {cfg.variant!r} trains no segmenter")
-        networks = (cfg, autoencoder, segmenter, bfm.load_face_model(cfg.face_model))
+        networks = (cfg, autoencoder, segmenter, face_models.load_face_model(cfg.face_model))
     results, figure = {}, []
     for photo in photos:
         image, landmarks = aligned_photo(photo, size)
@@ -240,45 +243,14 @@ def run(photos=("hopper", "astronaut"), *, size: int = 224, modes=("plain", "rob
                 references.setdefault(mode, result)  # the clean photo comes first
                 row[mode] = {**score(result, here, references[mode], reference_image),
                              "seconds": seconds}
-                shown[mode] = (evaluate.render_over(here.image, result.rendered.image,
-                                                    result.rendered.region),
+                shown[mode] = (figures.render_over(here.image, result.rendered.image,
+                                                   result.rendered.region),
                                result.mask, result.rendered.region, here.image)
                 print(f"{photo} {name:12s} {mode:9s} IoU {row[mode]['iou']:.2f} skin ratio "
                       f"{row[mode]['skin_ratio']:.2f} ({row[mode]['seconds']:.1f} s)", flush=True)
             results.setdefault(photo, {})[name] = row
             figure.append((photo, name, shown))
     return {"scores": results, "_figure": figure}
-
-
-MODE_TITLES = {"plain": "plain fit", "robust": "robust fit", "segmenter": "fit with\nFOCUS masks",
-               "focus": "FOCUS\n(one forward pass)"}
-
-
-def figure(path: str, shown: list, modes) -> None:
-    """One row per case: the photo, then per mode its render over the photo and its outliers
-    in red."""
-    from matplotlib.figure import Figure
-    columns = 1 + 2 * len(modes)
-    fig = Figure(figsize=(1.3 * columns, 1.3 * len(shown) + 0.5))
-    axes = fig.subplots(len(shown), columns, squeeze=False)
-    for r, (photo, name, pictures) in enumerate(shown):
-        cells = [("photo", pictures["image"][0])]
-        for mode in modes:
-            render, mask, region, image = pictures[mode]
-            cells += [(MODE_TITLES[mode], render[0]),
-                      ("outliers", evaluate.outliers_in_red(image, mask, region)[0])]
-        for c, (title, picture) in enumerate(cells):
-            ax = axes[r][c]
-            ax.imshow(picture.permute(1, 2, 0).clamp(0, 1).numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=7)
-            if c == 0:
-                ax.set_ylabel(f"{photo}\n{name}", fontsize=7)
-    fig.subplots_adjust(left=0.05, right=0.99, top=1 - 0.45 / (1.3 * len(shown) + 0.5),
-                        bottom=0.01, wspace=0.03, hspace=0.03)
-    fig.savefig(path, dpi=100)
 
 
 def markdown(scores: dict, modes) -> str:
@@ -303,11 +275,11 @@ def main(argv=None) -> None:
                              "networks' forward pass, at the run's image size")
     parser.add_argument("--steps", type=int, default=300, help="fitting steps after the landmarks")
     parser.add_argument("--landmark-steps", type=int, default=100, help="landmark-only steps first")
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=data.OCCLUDERS,
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=occluders.OCCLUDERS,
                         help="occluder families to paste")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS),
                         help="draws of each occluder")
-    parser.add_argument("--face-model", default="toy", help="bfm.load_face_model spec of the fits")
+    parser.add_argument("--face-model", default="toy", help="face_models.load_face_model spec of the fits")
     parser.add_argument("--xi", type=float, default=ROBUST["xi"],
                         help="robust mode: M_pre threshold (paper 0.17, official code 0.0166)")
     parser.add_argument("--xi-start", type=float, help="robust mode: a stricter first threshold")
@@ -333,7 +305,7 @@ def main(argv=None) -> None:
     table = markdown(result["scores"], modes)
     with open(os.path.join(args.out, "photos.md"), "w") as f:
         f.write(table)
-    figure(os.path.join(args.out, "photos.png"), result["_figure"], modes)
+    figures.figure_photos(os.path.join(args.out, "photos.png"), result["_figure"], modes)
     print(table)
     print(f"wrote photos.md, photos.json and photos.png to {args.out}")
 

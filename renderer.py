@@ -38,8 +38,10 @@ Conventions (shape letters B batch, V vertices, F faces, N covered pixels, H x W
 Deviations from the paper: none in substance; the paper does not specify the renderer. The
 face is lit in world space (normals rotated with the head), as Deep3D and FOCUS do.
 
-Run `python renderer.py` to write a grid of random toy faces (out/renderer_demo.png);
-`python -m pytest tests/test_renderer.py` tests this module.
+This module imports nothing else of the project: it takes tensors, whatever face model they
+come from. `python face_models.py --demo out/renderer_demo.png` renders a grid of random toy
+faces with it (`figures.renderer_demo`); `python -m pytest tests/test_renderer.py` tests this
+module against a slow per-pixel twin of the rasterizer.
 """
 import math
 import warnings
@@ -53,6 +55,7 @@ NEAR = 1.0  # mm; triangles with a vertex closer than this to the camera are cul
 SH_AMBIENT = 0.7 * 2 * math.pi  # offset on phi_0 of each channel (official code)
 SH_CONSTANTS = (0.282095, 0.488603, 1.092548, 0.315392, 0.546274)
 CHUNK_SIZE = 1 << 22  # candidate (triangle, pixel) pairs per rasterizer chunk
+_EMPTY_KEY = torch.iinfo(torch.int64).max  # visibility key of a pixel no triangle covers
 
 
 class Fragments(NamedTuple):
@@ -312,6 +315,10 @@ def rasterize(verts_pix: torch.Tensor, triangles: torch.Tensor, height: int, wid
               chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
     """Which triangle is visible at each pixel centre (no gradient).
 
+    Three steps: each triangle's box of pixel centres (`_triangle_boxes`), the (triangle,
+    pixel) candidates of a run of triangles (`_candidate_pixels`, in chunks), and a depth key
+    per candidate (`_candidate_keys`) of which each pixel keeps the smallest.
+
     Args:
         verts_pix: (B, V, 3) pixel x, pixel y, camera depth z.
         triangles: (F, 3) long, counter-clockwise seen from the front.
@@ -328,10 +335,32 @@ def rasterize(verts_pix: torch.Tensor, triangles: torch.Tensor, height: int, wid
     if height <= 0 or width <= 0 or chunk_size <= 0:
         raise ValueError(f"height, width, chunk_size must be positive, got {height}, {width}, {chunk_size}")
     F = triangles.shape[0]
-    device = verts_pix.device
     corners = _gather_corners(verts_pix, triangles).view(B * F, 3, 3)  # (BF, corner, xyz)
-    x, y, z = corners.unbind(-1)  # 3 x (BF, 3)
+    boxes, counts, starts = _triangle_boxes(corners, height, width)  # (BF, 4), (BF,), (BF,)
+    # per-triangle rows gathered for each candidate: corners (x, y, z)
+    corner_rows = corners.reshape(B * F, 9)  # (BF, 9)
+    best = torch.full((B * height * width,), _EMPTY_KEY, dtype=torch.int64, device=verts_pix.device)
+    for t0, t1 in _chunks(starts, int(counts.sum()), chunk_size):
+        tri, px, py = _candidate_pixels(boxes, counts, starts, t0, t1)  # 3 x (C,)
+        b = tri // F
+        key = _candidate_keys(corner_rows.index_select(0, tri).view(-1, 3, 3), px, py, tri - b * F)
+        pixel = (b * height + py) * width + px  # (C,)
+        best.scatter_reduce_(0, pixel, key, reduce="amin")
+    face_id = torch.where(best == _EMPTY_KEY, torch.full_like(best, -1), best & 0xFFFFFFFF)
+    return face_id.view(B, height, width)
 
+
+def _triangle_boxes(corners: torch.Tensor, height: int, width: int):
+    """Cull the triangles and box the pixel centres each one may cover.
+
+    Args:
+        corners: (BF, 3, 3) corner (pixel x, pixel y, depth z) of every triangle of the batch.
+    Returns:
+        boxes (BF, 4) long: x_lo, y_lo, box width, first candidate of the triangle;
+        counts (BF,) long: candidates per triangle (box width x height, 0 when culled);
+        starts (BF,) long: the first candidates again (a contiguous copy for searchsorted).
+    """
+    x, y, z = corners.unbind(-1)  # 3 x (BF, 3)
     # cull: behind/near the camera, back-facing or degenerate; the area is twice the signed
     # screen area, positive for front faces (counter-clockwise in model space)
     area = -_edge(x[:, 0], y[:, 0], x[:, 1], y[:, 1], x[:, 2], y[:, 2])  # (BF,)
@@ -348,42 +377,56 @@ def rasterize(verts_pix: torch.Tensor, triangles: torch.Tensor, height: int, wid
     x_lo, y_lo = torch.where(keep, x_lo, zero).long(), torch.where(keep, y_lo, zero).long()
     counts = box_w * box_h  # (BF,) candidates per triangle
     starts = counts.cumsum(0) - counts  # (BF,) first candidate of each triangle
-    total = int(counts.sum())
-    # per-triangle rows gathered for each candidate: corners (x, y, z) and box/offset integers
-    corner_rows = corners.reshape(B * F, 9)  # (BF, 9)
-    box_rows = torch.stack([x_lo, y_lo, box_w, starts], 1)  # (BF, 4)
+    return torch.stack([x_lo, y_lo, box_w, starts], 1), counts, starts
 
-    # key = depth bits (float32, positive, so its bit pattern orders like the value) << 32 | f
-    empty = torch.iinfo(torch.int64).max
-    best = torch.full((B * height * width,), empty, dtype=torch.int64, device=device)
-    # chunks: runs of triangles whose candidates start in one window of chunk_size, so a
-    # chunk holds at most chunk_size + (largest box) candidates
-    window_starts = torch.arange(0, total, chunk_size, device=device)
-    cuts = torch.searchsorted(starts, window_starts).tolist() + [B * F]
-    for t0, t1 in zip(cuts[:-1], cuts[1:]):
-        if t1 <= t0:
-            continue
-        n = counts[t0:t1]
-        C = int(n.sum())
-        tri = torch.repeat_interleave(torch.arange(t0, t1, device=device), n, output_size=C)
-        box = box_rows.index_select(0, tri)  # (C, 4)
-        cx, cy, cz = corner_rows.index_select(0, tri).view(C, 3, 3).unbind(-1)  # 3 x (C, 3)
-        # the k-th candidate of a triangle is pixel k of its box, row by row
-        local = torch.arange(C, device=device) + starts[t0] - box[:, 3]  # (C,)
-        px = box[:, 0] + local % box[:, 2]  # (C,) pixel centre
-        py = box[:, 1] + local // box[:, 2]
-        w = _screen_weights(cx, cy, px.to(cx.dtype), py.to(cy.dtype))  # (C, 3)
-        # 1/z is affine in screen space: z = 1 / sum_i (w_i / S) / z_i
-        depth = w.sum(-1) / (w / cz).sum(-1)  # (C,)
-        b = tri // F
-        key = (_float_bits(depth) << 32) | (tri - b * F)
-        # a candidate outside its triangle keeps the empty key, which never wins
-        key = torch.where((w >= 0).all(-1), key, torch.full_like(key, empty))
-        pixel = (b * height + py) * width + px  # (C,)
-        best.scatter_reduce_(0, pixel, key, reduce="amin")
 
-    face_id = torch.where(best == empty, torch.full_like(best, -1), best & 0xFFFFFFFF)
-    return face_id.view(B, height, width)
+def _chunks(starts: torch.Tensor, total: int, chunk_size: int) -> list:
+    """Runs [t0, t1) of triangles whose candidates start in one window of chunk_size, so a
+    chunk holds at most chunk_size + (largest box) candidates; empty runs are left out."""
+    window_starts = torch.arange(0, total, chunk_size, device=starts.device)
+    cuts = torch.searchsorted(starts, window_starts).tolist() + [starts.shape[0]]
+    return [(t0, t1) for t0, t1 in zip(cuts[:-1], cuts[1:]) if t1 > t0]
+
+
+def _candidate_pixels(boxes: torch.Tensor, counts: torch.Tensor, starts: torch.Tensor,
+                      t0: int, t1: int):
+    """The (triangle, pixel) candidates of triangles t0..t1-1: every pixel centre of each box.
+
+    Returns:
+        tri, px, py: (C,) long triangle index (in the batch's BF) and pixel column and row.
+    """
+    n = counts[t0:t1]
+    C = int(n.sum())
+    device = boxes.device
+    tri = torch.repeat_interleave(torch.arange(t0, t1, device=device), n, output_size=C)
+    box = boxes.index_select(0, tri)  # (C, 4)
+    # the k-th candidate of a triangle is pixel k of its box, row by row
+    local = torch.arange(C, device=device) + starts[t0] - box[:, 3]  # (C,)
+    px = box[:, 0] + local % box[:, 2]  # (C,) pixel centre
+    py = box[:, 1] + local // box[:, 2]
+    return tri, px, py
+
+
+def _candidate_keys(corners: torch.Tensor, px: torch.Tensor, py: torch.Tensor,
+                    face: torch.Tensor) -> torch.Tensor:
+    """Visibility keys: the smallest key of a pixel is its nearest covering triangle.
+
+    key = depth bits (float32, positive, so its bit pattern orders like the value) << 32 | f,
+    so ties in depth go to the lower face id; a candidate outside its triangle gets the empty
+    key, which never wins.
+
+    Args:
+        corners: (C, 3, 3) corner (pixel x, pixel y, depth z). px, py: (C,) pixel centre.
+        face: (C,) long face id f in [0, F).
+    Returns:
+        (C,) int64 keys.
+    """
+    cx, cy, cz = corners.unbind(-1)  # 3 x (C, 3)
+    w = _screen_weights(cx, cy, px.to(cx.dtype), py.to(cy.dtype))  # (C, 3)
+    # 1/z is affine in screen space: z = 1 / sum_i (w_i / S) / z_i
+    depth = w.sum(-1) / (w / cz).sum(-1)  # (C,)
+    key = (_float_bits(depth) << 32) | face
+    return torch.where((w >= 0).all(-1), key, torch.full_like(key, _EMPTY_KEY))
 
 
 def _float_bits(values: torch.Tensor) -> torch.Tensor:
@@ -498,58 +541,3 @@ def _check_triangles(triangles: torch.Tensor, num_vertices: int) -> None:
                          f"{tuple(triangles.shape)} {triangles.dtype}")
     if triangles.numel() and (int(triangles.min()) < 0 or int(triangles.max()) >= num_vertices):
         raise ValueError(f"triangle vertex ids must lie in [0, {num_vertices})")
-
-
-# ----------------------------------------------------------------------------- demo
-
-def demo_grid(model, *, rows: int = 3, cols: int = 4, size: int = 192, seed: int = 0):
-    """Render random faces of `model` (a bfm.MorphableModel) under varied pose, expression
-    and light, with their 68 landmarks drawn; returns a PIL image."""
-    from PIL import Image, ImageDraw
-
-    B = rows * cols
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        vertices = model.vertices(torch.randn(B, 80, generator=g), torch.randn(B, 64, generator=g))
-        albedo = model.albedo(torch.randn(B, 80, generator=g))
-        # light: ambient plus a random first-order (directional) part per face, white-ish
-        sh = torch.zeros(B, 3, 9)
-        sh[:, :, 1:4] = 0.6 * torch.randn(B, 1, 3, generator=g)
-        sh[:, :, 0] = -0.5 + 0.3 * torch.randn(B, 1, generator=g)
-        pose = torch.zeros(B, 6)
-        pose[:, 0] = 0.25 * torch.randn(B, generator=g)  # pitch
-        pose[:, 1] = torch.linspace(-0.9, 0.9, B)  # yaw: from one profile-ish view to the other
-        pose[:, 2] = 0.1 * torch.randn(B, generator=g)  # roll
-        out = render(vertices, albedo, sh.view(B, 27), pose, model.triangles, model.landmarks,
-                     height=size, width=size)
-    background = 0.15 + 0.1 * torch.rand(B, 3, 1, 1, generator=g)
-    images = out.image.clamp(0, 1) + background * (1 - out.region)  # (B, 3, H, W)
-    sheet = Image.new("RGB", (cols * size, rows * size))
-    for k in range(B):
-        tile = Image.fromarray((images[k].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-        draw = ImageDraw.Draw(tile)
-        for x, y in out.landmarks[k].tolist():
-            draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=(60, 255, 60))
-        sheet.paste(tile, ((k % cols) * size, (k // cols) * size))
-    return sheet
-
-
-def main(argv=None):
-    import argparse
-    import os
-
-    import bfm  # the demo is the only place the renderer meets a face model
-
-    parser = argparse.ArgumentParser(description="Render a grid of random toy faces.")
-    parser.add_argument("--face-model", default="toy", help="face model spec (see bfm.load_face_model)")
-    parser.add_argument("--out", default=os.path.join("out", "renderer_demo.png"))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    sheet = demo_grid(bfm.load_face_model(args.face_model), seed=args.seed)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    sheet.save(args.out)
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()

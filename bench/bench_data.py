@@ -25,7 +25,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bfm  # noqa: E402
+import face_models  # noqa: E402
 import data  # noqa: E402
+import figures  # noqa: E402
 import renderer  # noqa: E402
 from timing import timed  # noqa: E402
 
@@ -88,7 +90,7 @@ def bench_folder(repeats):
     to_photo = np.array([[4.0, 0.0, 60.0], [0.0, 4.0, 40.0]])
     with tempfile.TemporaryDirectory() as folder:
         photo = data.warp_image(face["image"], to_photo, size=1024)
-        data._save_png(photo, os.path.join(folder, "face.png"))
+        figures.save_png(photo, os.path.join(folder, "face.png"))
         lm = data.apply_affine(to_photo, face["landmarks"].numpy())
         with open(os.path.join(folder, "landmarks.csv"), "w") as f:
             f.write("face.png," + ",".join(f"{x:.2f}" for x in lm.reshape(-1)) + "\n")
@@ -108,7 +110,7 @@ def main():
                         help="DataLoader workers for the loader row (0: skip)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    model = bfm.load_face_model(args.face_model)
+    model = face_models.load_face_model(args.face_model)
     rows = [bench_synthetic(model, subset, args.batch, device, args.repeats, args.size)
             for subset in data.SUBSETS]
     print("| subset | batch | ms / sample | of which render | samples / s |")

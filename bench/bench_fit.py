@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bfm  # noqa: E402
+import face_models  # noqa: E402
 import fit  # noqa: E402
 import photos  # noqa: E402
 from timing import timed  # noqa: E402
@@ -37,7 +37,7 @@ def main(argv=None):
     device = torch.device(args.device)
     image, landmarks = photos.aligned_photo("hopper", args.size)
     image, landmarks = image.to(device), landmarks.to(device)
-    model = bfm.load_face_model("toy").to(device)
+    model = face_models.load_face_model("toy").to(device)
     cases = {
         "landmark stage only (100 steps)": dict(mode="plain", steps=0),
         "plain (100 + 300 steps)": dict(mode="plain"),

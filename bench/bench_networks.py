@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bfm  # noqa: E402
+import face_models  # noqa: E402
 import focus  # noqa: E402
 import losses  # noqa: E402
 import perceptual  # noqa: E402
@@ -73,7 +73,7 @@ def unet_step(width, batch, size, device):
 
 def mean_face_landmarks(batch, size, device):
     """(B, 68, 2) landmarks of the toy mean face rendered at theta = 0."""
-    model = bfm.load_face_model("toy")
+    model = face_models.load_face_model("toy")
     out = renderer.render(model.mean_shape[None], model.mean_albedo[None], torch.zeros(1, 27),
                           torch.zeros(1, 6), model.triangles, model.landmarks,
                           height=size, width=size)
@@ -109,7 +109,7 @@ def segmenter_loss_step(width, batch, size, device):
 def autoencoder_loss_step(width, batch, size, device):
     """(module, forward, loss) for one L_R evaluation: R(I_T) (encoder, toy face model,
     renderer), then Eq. 5-8 with F's embedding (the autoencoder phase of Sec. 3.2)."""
-    net = focus.FaceAutoencoder(focus.Encoder(width=width), bfm.load_face_model("toy")).to(device)
+    net = focus.FaceAutoencoder(focus.Encoder(width=width), face_models.load_face_model("toy")).to(device)
     features = perceptual.load_perceptual("dlib", device=device)
     target = torch.rand(batch, 3, size, size, device=device)
     mask = torch.ones(batch, 1, size, size, device=device)

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bfm  # noqa: E402
+import face_models  # noqa: E402
 import renderer  # noqa: E402
 from timing import timed  # noqa: E402
 
@@ -105,10 +105,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    meshes = [("toy 35k", bfm.load_face_model("toy", resolution=133)),
-              ("toy 70k", bfm.load_face_model("toy", resolution=188))]
+    meshes = [("toy 35k", face_models.load_face_model("toy", resolution=133)),
+              ("toy 70k", face_models.load_face_model("toy", resolution=188))]
     if args.npz:
-        meshes.append((os.path.basename(args.npz), bfm.load_face_model(f"npz:{args.npz}")))
+        meshes.append((os.path.basename(args.npz), face_models.load_face_model(f"npz:{args.npz}")))
     rows = [bench_mesh(name, model, batch, device, args.repeats)
             for name, model in meshes for batch in args.batch]
     resnet_ms = bench_resnet(device, args.resnet_batch, max(2, args.repeats // 2))

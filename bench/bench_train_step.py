@@ -28,9 +28,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import bfm  # noqa: E402
+import config  # noqa: E402
+import face_models  # noqa: E402
 import losses  # noqa: E402
 import perceptual  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 
 PARTS = ("data", "encoder", "render", "segmenter", "losses", "F", "backward", "optimizer")
@@ -144,7 +146,7 @@ def bench_phase(phase, cfg, nets, batch_fn, F, device, repeats, warmup):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu", choices=sorted(train.PRESETS))
+    parser.add_argument("--preset", default="cpu", choices=sorted(config.PRESETS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--perceptual", help="override the preset's F (e.g. none, dlib)")
     parser.add_argument("--batch", type=int, help="override the preset's batch size")
@@ -159,10 +161,10 @@ def main(argv=None):
         overrides["perceptual"] = args.perceptual
     if args.batch:
         overrides["batch_size"] = args.batch
-    cfg = train.make_config(args.preset, **overrides)
+    cfg = config.make_config(args.preset, **overrides)
     device = torch.device(cfg.device)
-    face_model = bfm.load_face_model(cfg.face_model).to(device)
-    autoencoder, segmenter = train.build_models(cfg, face_model)
+    face_model = face_models.load_face_model(cfg.face_model).to(device)
+    autoencoder, segmenter = runs.build_models(cfg, face_model)
     F = perceptual.load_perceptual(cfg.perceptual, device=device)
     dataset = train.make_dataset(cfg, face_model.cpu() if device.type != "cpu" else face_model,
                                  seed=cfg.seed)

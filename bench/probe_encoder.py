@@ -7,7 +7,7 @@ are.
 
     python bench/probe_encoder.py --steps 1500 [--zero-init-residual] [--threads 1]
 
-Prints, on validation faces (unoccluded, seed `evaluate.VALIDATION_SEED`), each theta group's
+Prints, on validation faces (unoccluded, seed `config.VALIDATION_SEED`), each theta group's
 error as a share of its spread (1 = no better than predicting the mean; identity, expression
 and albedo are standard-normal, so 1 is also predicting 0), and R's image RMSE (0-255) on the
 clean held-out faces that training logs.
@@ -21,8 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bfm  # noqa: E402
-import evaluate  # noqa: E402
+import config  # noqa: E402
+import face_models  # noqa: E402
 import focus  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 
 
@@ -44,14 +46,14 @@ def main(argv=None) -> None:
     parser.add_argument("--count", type=int, default=128, help="validation faces")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = train.make_config(args.preset, zero_init_residual=args.zero_init_residual)
-    face_model = bfm.load_face_model(cfg.face_model)
-    autoencoder, _ = train.build_models(cfg, face_model)
+    cfg = config.make_config(args.preset, zero_init_residual=args.zero_init_residual)
+    face_model = face_models.load_face_model(cfg.face_model)
+    autoencoder, _ = runs.build_models(cfg, face_model)
     device = torch.device(cfg.device)
     dataset, salt = train.stage_data("init", cfg, face_model)
     spread = train.load_batch(dataset, list(range(512)), device)["theta"].std(dim=0)
     spread = spread.clamp_min(1e-6)  # (257,)
-    validation = train.make_dataset(cfg, face_model, seed=evaluate.VALIDATION_SEED,
+    validation = train.make_dataset(cfg, face_model, seed=config.VALIDATION_SEED,
                                     subset="unoccluded", length=args.count)
     faces = train.load_batch(validation, list(range(args.count)), device)
     heldout = train.heldout_faces(cfg, face_model, device)

@@ -16,7 +16,9 @@ from PIL import Image
 import bfm
 import data
 import evaluate
+import face_models
 import focus
+import occluders
 import renderer
 
 SIZE = 96  # small images keep the synthetic tests fast
@@ -24,7 +26,7 @@ SIZE = 96  # small images keep the synthetic tests fast
 
 @pytest.fixture(scope="module")
 def toy():
-    return bfm.load_face_model("toy")
+    return face_models.load_face_model("toy")
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,7 @@ def test_train_mixes_all_families(toy):
         plan = dataset._families(data._streams(0, "train", index, 5)[3])
         families.update(plan)
         rng_count += not plan
-    assert families == set(data.OCCLUDERS)
+    assert families == set(occluders.OCCLUDERS)
     assert 3 <= rng_count <= 25  # about 20% unoccluded
 
 
@@ -482,6 +484,20 @@ def template_landmarks(scale=2.0, shift=(300.0, 200.0)):
     lm[[36, 39]], lm[[42, 45]] = five[0], five[1]
     lm[30], lm[48], lm[54] = five[2], five[3], five[4]
     return lm
+
+
+def test_five_points_by_hand_from_an_array_and_a_tensor():
+    lm = np.random.default_rng(0).uniform(0, 200, (2, 68, 3))  # batched, 3D
+    five = data.five_points(lm)  # (2, 5, 3)
+    assert isinstance(five, np.ndarray) and five.shape == (2, 5, 3) and five.dtype == np.float64
+    np.testing.assert_array_equal(five[1, 0], (lm[1, 36] + lm[1, 39]) / 2)
+    np.testing.assert_array_equal(five[1, 2:], lm[1, [30, 48, 54]])
+    # a tensor keeps its type (perceptual.py's crop differentiates through it), same numbers
+    tensor = torch.from_numpy(lm).requires_grad_()
+    five_t = data.five_points(tensor)
+    np.testing.assert_array_equal(five_t.detach().numpy(), five)
+    five_t.sum().backward()
+    assert tensor.grad[0, [36, 39, 42, 45], 0].eq(0.5).all() and tensor.grad[0, 30, 0] == 1
 
 
 def test_alignment_maps_the_template_to_its_crop_position():
@@ -819,7 +835,7 @@ def nn_resize(mask, size):
 
 def test_show_writes_a_contact_sheet(tmp_path, toy, monkeypatch):
     out = tmp_path / "sheet.png"
-    monkeypatch.setattr(bfm, "load_face_model", lambda spec: toy)
+    monkeypatch.setattr(face_models, "load_face_model", lambda spec: toy)
     data.main(["show", "--subsets", "hand", "scarf", "--per-subset", "2", "--size", "64", "--tile", "64",
                "--out", str(out)])
     assert Image.open(out).size == (4 * 64, 2 * 64)

@@ -12,9 +12,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import bfm
+import config
 import data
+import diagnose
 import evaluate
+import face_models
+import figures
 import focus
+import runs
 import train
 
 
@@ -192,12 +197,12 @@ def random_theta(seed, B=3):
 
 
 @given(seed=st.integers(0, 2**31 - 1),
-       groups=st.lists(st.sampled_from(list(evaluate.GROUPS)), unique=True, max_size=5))
+       groups=st.lists(st.sampled_from(list(diagnose.GROUPS)), unique=True, max_size=5))
 def test_swap_groups_replaces_exactly_the_named_fields(seed, groups):
     predicted, true = random_theta(seed), random_theta(seed + 1)
-    swapped = evaluate.swap_groups(predicted, true, groups)
-    fields = {evaluate.GROUPS[g] for g in groups}
-    assert set(evaluate.GROUPS.values()) == set(bfm.Theta._fields)
+    swapped = diagnose.swap_groups(predicted, true, groups)
+    fields = {diagnose.GROUPS[g] for g in groups}
+    assert set(diagnose.GROUPS.values()) == set(bfm.Theta._fields)
     for field in bfm.Theta._fields:
         source = true if field in fields else predicted
         assert getattr(swapped, field) is getattr(source, field), field
@@ -205,7 +210,7 @@ def test_swap_groups_replaces_exactly_the_named_fields(seed, groups):
 
 def test_swap_groups_rejects_unknown_groups():
     with pytest.raises(KeyError):
-        evaluate.swap_groups(random_theta(0), random_theta(1), ["shape"])
+        diagnose.swap_groups(random_theta(0), random_theta(1), ["shape"])
 
 
 def test_theta_errors_of_a_known_offset():
@@ -213,7 +218,7 @@ def test_theta_errors_of_a_known_offset():
     pose = true.pose + torch.tensor([0.01, -0.02, 0.03, 1.0, -3.0, 5.0])
     predicted = true._replace(id=true.id + 0.5, exp=true.exp - 0.25, albedo=true.albedo,
                               sh=true.sh + torch.arange(27.0) % 2, pose=pose)
-    errors = evaluate.theta_errors(predicted, true)
+    errors = diagnose.theta_errors(predicted, true)
     expected = {"identity": 0.5, "expression": 0.25, "albedo": 0.0,
                 "light": math.sqrt(13 / 27),  # 13 of the 27 coefficients off by 1
                 "angles_deg": math.degrees(0.02), "shift_mm": 2.0, "depth_mm": 5.0}
@@ -240,13 +245,13 @@ class TrueThetaEncoder(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def small_faces():
-    model = bfm.load_face_model("toy,resolution=24")
+    model = face_models.load_face_model("toy,resolution=24")
     return model, evaluate.test_sets(model, 32, 3, subsets=("unoccluded", "scarf"))
 
 
 def test_test_sets_keep_the_true_theta(small_faces):
     model, sets = small_faces
-    faces = data.SyntheticFaces(face_model=model, size=32, length=3, seed=evaluate.EVAL_SEED,
+    faces = data.SyntheticFaces(face_model=model, size=32, length=3, seed=config.EVAL_SEED,
                                 subset="scarf")
     assert torch.equal(sets["scarf"]["theta"], faces.batch([0, 1, 2])["theta"])
     assert sets["unoccluded"]["theta"].shape == (3, 257)
@@ -256,10 +261,10 @@ def test_diagnose_with_the_true_theta_has_nothing_to_blame(small_faces):
     model, sets = small_faces
     for faces in sets.values():
         autoencoder = focus.FaceAutoencoder(TrueThetaEncoder(faces), model)
-        result = evaluate.diagnose(autoencoder, faces, batch_size=2)  # two batches
+        result = diagnose.diagnose(autoencoder, faces, batch_size=2)  # two batches
         rows = result["rmse"]
-        assert list(rows) == (["predicted", "true"] + [f"{g} true" for g in evaluate.GROUPS]
-                              + [f"only {g} predicted" for g in evaluate.GROUPS])
+        assert list(rows) == (["predicted", "true"] + [f"{g} true" for g in diagnose.GROUPS]
+                              + [f"only {g} predicted" for g in diagnose.GROUPS])
         assert rows["true"].shape == (3,) and np.isfinite(rows["true"]).all()
         for row, values in rows.items():
             assert np.array_equal(values, rows["true"]), row
@@ -282,7 +287,7 @@ def test_diagnose_of_a_fresh_encoder_predicts_the_mean_face(small_faces):
     torch.manual_seed(0)
     autoencoder = focus.FaceAutoencoder(focus.Encoder(width=4), model)  # theta = 0
     faces = sets["unoccluded"]
-    result = evaluate.diagnose(autoencoder, faces)
+    result = diagnose.diagnose(autoencoder, faces)
     rmse, errors = result["rmse"], result["errors"]
     assert rmse["predicted"].mean() > rmse["true"].mean() + 5
     # predicting 0: each group's error is the size of its truth
@@ -309,16 +314,16 @@ def test_diagnose_of_a_fresh_encoder_predicts_the_mean_face(small_faces):
         out = autoencoder.eval().decode(zero, height=32, width=32)
     whole = evaluate.segmentation_scores(out.region, faces["visible_face"], out.region)["F1"]
     np.testing.assert_allclose(result["f1"]["Whole region"], whole.numpy(), rtol=1e-6)
-    strict = evaluate.diagnose(autoencoder, faces, xi=1e-6)["f1"]["M_pre"]
+    strict = diagnose.diagnose(autoencoder, faces, xi=1e-6)["f1"]["M_pre"]
     assert np.nanmean(strict) < np.nanmean(result["f1"]["Whole region"])
     # theta = 0 is white light with albedo at the mean: no tint, no albedo beyond the prior
     np.testing.assert_allclose(errors["light_tint"], 0.0, atol=1e-12)
     np.testing.assert_allclose(errors["albedo_predicted"], 0.0, atol=1e-12)
     assert (errors["light_tint_true"] > 0).all()  # the data's light has a colour tint
     autoencoder.train()
-    result = evaluate.diagnose(autoencoder, faces)
+    result = diagnose.diagnose(autoencoder, faces)
     assert autoencoder.training  # the mode is restored
-    markdown = evaluate.diagnosis_markdown(result, "unoccluded")
+    markdown = diagnose.diagnosis_markdown(result, "unoccluded")
     assert markdown.startswith("### unoccluded") and "| only pose predicted |" in markdown
     assert "| identity (RMS) |" in markdown and "| Mean face |" in markdown
     assert "| Whole region |" in markdown and "| light tint L_mono" in markdown
@@ -326,19 +331,19 @@ def test_diagnose_of_a_fresh_encoder_predicts_the_mean_face(small_faces):
 
 
 def test_loss_towards_truth_finds_where_the_regulariser_moves_the_minimum():
-    model = bfm.load_face_model("toy,resolution=24")
+    model = face_models.load_face_model("toy,resolution=24")
     faces = data.SyntheticFaces(face_model=model, size=32, length=4, seed=1, subset="unoccluded",
                                 unexplainable=0.0, landmark_noise=0.0, image_noise=0.0)
     faces = faces.batch([0, 1, 2, 3])
     autoencoder = focus.FaceAutoencoder(focus.Encoder(width=4), model)
     scales = (0.0, 0.5, 1.0, 1.5)
-    cfg = train.make_config("tiny")
+    cfg = config.make_config("tiny")
     # without the regulariser the truth (s = 1) renders the image: the smallest loss
-    free = evaluate.loss_towards_truth(autoencoder, faces, dataclasses.replace(cfg, lambda_reg=0.0),
+    free = diagnose.loss_towards_truth(autoencoder, faces, dataclasses.replace(cfg, lambda_reg=0.0),
                                        scales=scales, batch_size=3)
     assert min(free, key=free.get) == 1.0 and free[1.0] < 0.01
     # a strong regulariser moves the minimum to the mean face
-    strong = evaluate.loss_towards_truth(autoencoder, faces,
+    strong = diagnose.loss_towards_truth(autoencoder, faces,
                                          dataclasses.replace(cfg, lambda_reg=100.0), scales=scales,
                                          batch_size=3)
     assert min(strong, key=strong.get) == 0.0
@@ -353,13 +358,13 @@ def test_loss_towards_truth_finds_where_the_regulariser_moves_the_minimum():
 def test_pose_spread_tells_a_shrunk_output_from_a_right_one():
     rng = np.random.default_rng(0)
     true = rng.normal(size=(200, 6))
-    spread = evaluate.pose_spread({"R": 0.2 * true, "true": true})  # right way, too small
-    for name in evaluate.POSE_NAMES:
+    spread = diagnose.pose_spread({"R": 0.2 * true, "true": true})  # right way, too small
+    for name in diagnose.POSE_NAMES:
         assert spread[name]["correlation"] == pytest.approx(1.0)
         assert spread[name]["R_std"] == pytest.approx(0.2 * spread[name]["true_std"])
-    noise = evaluate.pose_spread({"R": rng.normal(size=(200, 6)), "true": true})
+    noise = diagnose.pose_spread({"R": rng.normal(size=(200, 6)), "true": true})
     assert all(abs(v["correlation"]) < 0.3 for v in noise.values())
-    constant = evaluate.pose_spread({"R": np.zeros((200, 6)), "true": true})
+    constant = diagnose.pose_spread({"R": np.zeros((200, 6)), "true": true})
     assert all(v["R_std"] == 0 and np.isnan(v["correlation"]) for v in constant.values())
 
 
@@ -370,8 +375,8 @@ def tiny_run(tmp_path_factory):
     """A finished tiny FOCUS run (init, em, prior) and a finished tiny MoFA run."""
     root = tmp_path_factory.mktemp("runs")
     focus_dir, mofa_dir = str(root / "tiny"), str(root / "tiny-mofa")
-    train.run("all", focus_dir, train.make_config("tiny"))
-    train.run("init", mofa_dir, train.make_config("tiny", variant="mofa"))
+    train.run("all", focus_dir, config.make_config("tiny"))
+    train.run("init", mofa_dir, config.make_config("tiny", variant="mofa"))
     train.run("em", mofa_dir, None)
     return focus_dir, mofa_dir
 
@@ -402,7 +407,7 @@ def test_evaluate_runs_writes_tables_json_and_figures(tiny_run, tmp_path):
     # the whole-region mask keeps every rendered pixel: recall 1 wherever there is face
     assert rows["Whole region"]["overall"]["TPR"]["mean"] == pytest.approx(1.0)
     assert "F1" not in rows["MoFA"]["overall"] and "shape_mp_vertex" in rows["MoFA"]["overall"]
-    assert rows["FOCUS"]["overall"]["shape_vertex"]["n"] == 4 * train.bfm.load_face_model(
+    assert rows["FOCUS"]["overall"]["shape_vertex"]["n"] == 4 * face_models.load_face_model(
         "toy,resolution=24").num_vertices
     assert set(result["misfit_prior_t_test"]) == {"MoFA", "FOCUS"}
     with open(os.path.join(out, "tables.md")) as f:
@@ -412,14 +417,14 @@ def test_evaluate_runs_writes_tables_json_and_figures(tiny_run, tmp_path):
 
 def test_evaluation_reproduces(tiny_run, tmp_path):
     focus_dir, _ = tiny_run
-    runs = []
+    results = []
     for name in ("a", "b"):
         evaluate.main(["--run", focus_dir, "--count", "2", "--subsets", "hand", "--out",
                        str(tmp_path / name), "--no-figures"])
         with open(tmp_path / name / "results.json") as f:
             rows = json.load(f)["rows"]
-        runs.append({label: {k: v for k, v in row["hand"].items()} for label, row in rows.items()})
-    assert runs[0] == runs[1]
+        results.append({label: {k: v for k, v in row["hand"].items()} for label, row in rows.items()})
+    assert results[0] == results[1]
 
 
 def test_evaluate_rejects_unfinished_and_missing_runs(tiny_run, tmp_path, capsys):
@@ -427,7 +432,7 @@ def test_evaluate_rejects_unfinished_and_missing_runs(tiny_run, tmp_path, capsys
         evaluate.main(["--run", str(tmp_path / "nothing")])
     assert "no such run directory" in capsys.readouterr().err
     half = str(tmp_path / "half")
-    train.run("init", half, train.make_config("tiny"))
+    train.run("init", half, config.make_config("tiny"))
     with pytest.raises(SystemExit, match="stage em is not finished"):
         evaluate.main(["--run", half, "--count", "2"])
 
@@ -440,13 +445,13 @@ def test_export_writes_meshes_masks_and_reconstructions(tiny_run, tmp_path):
     lines = []
     for i in range(2):
         sample = faces[i]
-        data._save_png(sample["image"], str(folder / f"face{i}.png"))
+        figures.save_png(sample["image"], str(folder / f"face{i}.png"))
         lines.append(",".join([f"face{i}.png"] + [f"{v:.2f}" for v in
                                                    sample["landmarks"].reshape(-1).tolist()]))
     (folder / "landmarks.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "export"
     evaluate.main(["export", "--run", focus_dir, "--images", str(folder), "--out", str(out)])
-    model = bfm.load_face_model("toy,resolution=24")
+    model = face_models.load_face_model("toy,resolution=24")
     for i in range(2):
         assert (out / f"face{i}_mask.png").exists() and (out / f"face{i}_recon.png").exists()
         obj = (out / f"face{i}.obj").read_text().splitlines()
@@ -476,13 +481,13 @@ def test_fitting_comparison_rows(tiny_run, tmp_path, capsys):
 
 def test_sweep_plots_one_eta_at_a_time(tiny_run, tmp_path):
     focus_dir, _ = tiny_run
-    runs = {}
+    dirs = {}
     for name, overrides in (("ref", {}), ("area", {"eta_area": 2.0}), ("bin", {"eta_bin": 3.0}),
                             ("window", {"nbr_size": 5})):
-        runs[name] = str(tmp_path / name)
-        train.run("em", runs[name], train.make_config("tiny", **overrides), init_from=focus_dir)
+        dirs[name] = str(tmp_path / name)
+        train.run("em", dirs[name], config.make_config("tiny", **overrides), init_from=focus_dir)
     out = tmp_path / "sweep"
-    evaluate.main(["sweep", "--run", runs["ref"], runs["area"], runs["bin"], "--count", "2",
+    evaluate.main(["sweep", "--run", dirs["ref"], dirs["area"], dirs["bin"], "--count", "2",
                    "--subsets", "scarf", "--out", str(out)])
     points = json.loads((out / "sweep.json").read_text())
     assert [(p["eta"], p["value"], p["reference"]) for p in points] == [
@@ -491,13 +496,13 @@ def test_sweep_plots_one_eta_at_a_time(tiny_run, tmp_path):
     assert all(0 <= p["occluded"] <= 1 for p in points if p["occluded"] == p["occluded"])
     assert (out / "sweep.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="one of"):
-        evaluate.main(["sweep", "--run", runs["ref"], runs["area"], runs["window"], "--count", "2",
+        evaluate.main(["sweep", "--run", dirs["ref"], dirs["area"], dirs["window"], "--count", "2",
                        "--subsets", "scarf", "--out", str(out)])
 
 
 def test_oracle_xi_is_the_best_threshold_of_its_grid(tiny_run):
     focus_dir, _ = tiny_run
-    cfg, autoencoder, _ = train.load_models(focus_dir)
+    cfg, autoencoder, _ = runs.load_models(focus_dir)
     sets = evaluate.test_sets(autoencoder.face_model, cfg.image_size, 3, subsets=("scarf", "hand"))
     grid = (0.01, 0.1, 1.0)
     best = evaluate.oracle_xi(autoencoder, sets, grid=grid)
@@ -517,13 +522,13 @@ def test_oracle_xi_is_the_best_threshold_of_its_grid(tiny_run):
 def test_diagnose_cli_writes_markdown_and_json(tiny_run, tmp_path, capsys):
     focus_dir, _ = tiny_run
     out = tmp_path / "diagnosis"
-    evaluate.main(["diagnose", "--run", focus_dir, "--stage", "init", "--count", "2",
+    diagnose.main(["--run", focus_dir, "--stage", "init", "--count", "2",
                    "--out", str(out)])
     printed = capsys.readouterr().out
     assert "wrote" in printed and "diagnosis.md" in printed
     markdown = (out / "diagnosis.md").read_text()
     assert markdown.startswith(f"## Diagnosis of R: {focus_dir} (init), 2 faces per subset, "
-                               f"seed {evaluate.EVAL_SEED}")
+                               f"seed {config.EVAL_SEED}")
     assert "### unoccluded" in markdown and "### random" in markdown
     result = json.loads((out / "diagnosis.json").read_text())
     assert result["run"] == focus_dir and result["stage"] == "init" and result["count"] == 2
@@ -531,31 +536,31 @@ def test_diagnose_cli_writes_markdown_and_json(tiny_run, tmp_path, capsys):
     numbers = result["subsets"]["random"]
     assert set(numbers) == {"rmse", "errors", "landmarks_px", "shape", "f1", "pose",
                             "loss_towards_truth"}
-    assert set(numbers["pose"]) == set(evaluate.POSE_NAMES)
+    assert set(numbers["pose"]) == set(diagnose.POSE_NAMES)
     # --validation: other faces, named in the header and the JSON
-    evaluate.main(["diagnose", "--run", focus_dir, "--stage", "init", "--count", "2",
+    diagnose.main(["--run", focus_dir, "--stage", "init", "--count", "2",
                    "--out", str(out), "--validation"])
     validation = json.loads((out / "diagnosis.json").read_text())
-    assert validation["seed"] == evaluate.VALIDATION_SEED != result["seed"]
+    assert validation["seed"] == config.VALIDATION_SEED != result["seed"]
     assert validation["subsets"]["random"]["rmse"] != numbers["rmse"]
-    assert f"seed {evaluate.VALIDATION_SEED}" in (out / "diagnosis.md").read_text()
+    assert f"seed {config.VALIDATION_SEED}" in (out / "diagnosis.md").read_text()
     assert all(math.isfinite(v) for v in numbers["rmse"].values())
-    assert set(numbers["rmse"]) == {"predicted", "true", *(f"{g} true" for g in evaluate.GROUPS),
-                                    *(f"only {g} predicted" for g in evaluate.GROUPS)}
-    evaluate.main(["diagnose", "--run", focus_dir, "--stage", "prior", "--count", "1",
+    assert set(numbers["rmse"]) == {"predicted", "true", *(f"{g} true" for g in diagnose.GROUPS),
+                                    *(f"only {g} predicted" for g in diagnose.GROUPS)}
+    diagnose.main(["--run", focus_dir, "--stage", "prior", "--count", "1",
                    "--subsets", "hand", "--out", str(out)])
     assert list(json.loads((out / "diagnosis.json").read_text())["subsets"]) == ["hand"]
 
 
 def test_diagnose_cli_errors(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no config.json"):
-        evaluate.main(["diagnose", "--run", str(tmp_path / "nothing"), "--out",
+        diagnose.main(["--run", str(tmp_path / "nothing"), "--out",
                        str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
     half = str(tmp_path / "half")
-    train.run("init", half, train.make_config("tiny"))
+    train.run("init", half, config.make_config("tiny"))
     with pytest.raises(SystemExit, match="not finished|no checkpoint"):
-        evaluate.main(["diagnose", "--run", half, "--stage", "em", "--out", str(tmp_path / "o")])
+        diagnose.main(["--run", half, "--stage", "em", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["diagnose", "--run", tiny_run[0], "--count", "0"])
+        diagnose.main(["--run", tiny_run[0], "--count", "0"])
     assert exit_info.value.code == 2 and "--count must be >= 1" in capsys.readouterr().err

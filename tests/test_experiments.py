@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
+import config
 import experiments
+import runs
 import train
 
 
@@ -16,13 +18,13 @@ def test_trains_shares_init_and_skips_finished_stages(tmp_path, capsys):
     first = capsys.readouterr().out
     focus_dir, baseline_dir = os.path.join(root, "tiny"), os.path.join(root, "tiny-baseline")
     for stage in ("init", "em", "prior"):
-        assert train.load_checkpoint(train.checkpoint_path(focus_dir, stage))["done"]
-    assert train.read_config(baseline_dir).segmenter_losses == "baseline"
+        assert runs.load_checkpoint(runs.checkpoint_path(focus_dir, stage))["done"]
+    assert runs.read_config(baseline_dir).segmenter_losses == "baseline"
     # the ablation's init is the FOCUS run's, and its EM ran from it
-    shared = [torch.load(train.checkpoint_path(d, "init"), weights_only=True)["segmenter"]
+    shared = [torch.load(runs.checkpoint_path(d, "init"), weights_only=True)["segmenter"]
               for d in (focus_dir, baseline_dir)]
     assert all(torch.equal(shared[0][k], shared[1][k]) for k in shared[0])
-    assert train.load_checkpoint(train.checkpoint_path(baseline_dir, "em"))["done"]
+    assert runs.load_checkpoint(runs.checkpoint_path(baseline_dir, "em"))["done"]
     assert "--stage em" in first and "--stage prior" in first
 
     experiments.main(["--preset", "tiny", "--root", root, "--only", "focus", "baseline",
@@ -38,14 +40,14 @@ def test_unknown_experiment_is_an_error(capsys):
 
 def test_init_from_refuses_a_differently_trained_init(tmp_path):
     source = str(tmp_path / "source")
-    train.run("init", source, train.make_config("tiny"))
-    with pytest.raises(train.RunError, match="lr"):
-        train.run("em", str(tmp_path / "other"), train.make_config("tiny", lr=0.5),
+    train.run("init", source, config.make_config("tiny"))
+    with pytest.raises(runs.RunError, match="lr"):
+        train.run("em", str(tmp_path / "other"), config.make_config("tiny", lr=0.5),
                   init_from=source)
-    with pytest.raises(train.RunError, match="--stage em or all"):
-        train.run("prior", str(tmp_path / "third"), train.make_config("tiny"), init_from=source)
+    with pytest.raises(runs.RunError, match="--stage em or all"):
+        train.run("prior", str(tmp_path / "third"), config.make_config("tiny"), init_from=source)
     # EM settings may differ: the copy starts EM and the init stage is not retrained
-    cfg = train.make_config("tiny", eta_area=2.0, segmenter_losses="baseline")
+    cfg = config.make_config("tiny", eta_area=2.0, segmenter_losses="baseline")
     train.run("all", str(tmp_path / "ablation"), cfg, init_from=source)
     log = (tmp_path / "ablation" / "log.csv").read_text()
     assert "\ninit," not in log and "\nem," in log and "\nprior," in log
@@ -53,6 +55,6 @@ def test_init_from_refuses_a_differently_trained_init(tmp_path):
 
 def test_rerunning_a_finished_stage_says_so(tmp_path):
     run_dir = str(tmp_path / "run")
-    train.run("init", run_dir, train.make_config("tiny"))
-    with pytest.raises(train.RunError, match="already finished"):
+    train.run("init", run_dir, config.make_config("tiny"))
+    with pytest.raises(runs.RunError, match="already finished"):
         train.run("init", run_dir, None)

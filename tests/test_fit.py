@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import bfm
+import config
 import data
+import face_models
+import figures
 import fit
 import train
 
@@ -15,7 +18,7 @@ SIZE = 96
 @pytest.fixture(scope="module")
 def scene():
     """A random toy face with known theta, and the same image with a blue occluder."""
-    model = bfm.load_face_model("toy")
+    model = face_models.load_face_model("toy")
     g = torch.Generator().manual_seed(3)
     theta = torch.zeros(1, 257)
     t = bfm.split_theta(theta)
@@ -102,10 +105,10 @@ def face_file(tmp_path_factory):
     beside it (official format). Returns (image path, landmarks (68, 2) in the photo, the
     face model)."""
     folder = tmp_path_factory.mktemp("photos")
-    model = bfm.load_face_model(CLI_MODEL)
+    model = face_models.load_face_model(CLI_MODEL)
     sample = data.SyntheticFaces(face_model=model, size=96, subset="unoccluded", seed=5,
                                  length=1)[0]
-    fit._save_png(str(folder / "face.png"), sample["image"])
+    figures.save_png(sample["image"], str(folder / "face.png"))
     landmarks = sample["landmarks"].double().numpy()  # (68, 2)
     (folder / "landmarks.csv").write_text(
         "other.png," + ",".join(["40"] * 136) + "\n"
@@ -158,7 +161,7 @@ def test_cli_rejects_bad_input(face_file, tmp_path, capsys, case, expected):
 
 def test_cli_segmenter_mode_uses_a_trained_run(face_file, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
-    cfg = train.run("all", run_dir, train.make_config("tiny"))  # seconds: image size 32
+    cfg = train.run("all", run_dir, config.make_config("tiny"))  # seconds: image size 32
     path = face_file[0]
     capsys.readouterr()
     result = fit.main([path, "--mode", "segmenter", "--run", run_dir,

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import focus
-from bfm import THETA_SIZES, join_theta, load_face_model
+from bfm import THETA_SIZES, join_theta
+from face_models import load_face_model
 from renderer import render
 
 

@@ -8,8 +8,10 @@ import torch
 
 import bfm
 import data
+import face_models
 import fit
 import losses
+import occluders
 import photos
 import renderer
 
@@ -54,7 +56,7 @@ def hopper():
         image, landmarks = photos.aligned_photo("hopper", 64)
     except photos.PhotoError as error:
         pytest.skip(str(error))
-    model = bfm.load_face_model("toy,resolution=24")
+    model = face_models.load_face_model("toy,resolution=24")
     clean = fit.fit(image, landmarks, model, mode="plain", steps=40, landmark_steps=40)
     return image, landmarks, model, clean
 
@@ -68,28 +70,28 @@ def test_aligned_photo_puts_the_face_where_the_training_crops_have_it(hopper):
     assert abs(eyes[0] - 31.5) < 4 and 15 < eyes[1] < 31.5
 
 
-@pytest.mark.parametrize("family", data.OCCLUDERS)
+@pytest.mark.parametrize("family", occluders.OCCLUDERS)
 def test_paste_occluder_changes_exactly_its_mask_and_repeats_per_seed(hopper, family):
     image, landmarks, model, clean = hopper
     t = bfm.split_theta(clean.theta)
     vertices = model.vertices(t.id, t.exp)[0].detach()
     args = (image[0], landmarks[0], clean.rendered.region[0], vertices, model.landmarks,
             t.pose[0].detach(), family)
-    occluded, mask = data.paste_occluder(*args, seed=3)
+    occluded, mask = occluders.paste_occluder(*args, seed=3)
     assert mask.shape == (1, 64, 64) and 0 < mask.sum() < 64 * 64
     changed = (occluded != image[0]).any(dim=0, keepdim=True)
     assert torch.equal(changed, mask > 0.5)
-    again, mask_again = data.paste_occluder(*args, seed=3)
+    again, mask_again = occluders.paste_occluder(*args, seed=3)
     assert torch.equal(again, occluded) and torch.equal(mask_again, mask)
-    other, _ = data.paste_occluder(*args, seed=4)
+    other, _ = occluders.paste_occluder(*args, seed=4)
     assert not torch.equal(other, occluded)
 
 
 def test_paste_occluder_rejects_an_unknown_family(hopper):
     image, landmarks, model, clean = hopper
     with pytest.raises(ValueError, match="family"):
-        data.paste_occluder(image[0], landmarks[0], clean.rendered.region[0],
-                            model.mean_shape, model.landmarks, torch.zeros(6), "helmet", seed=0)
+        occluders.paste_occluder(image[0], landmarks[0], clean.rendered.region[0],
+                                 model.mean_shape, model.landmarks, torch.zeros(6), "helmet", seed=0)
 
 
 def test_robust_fit_finds_a_scarf_pasted_on_a_real_photo(hopper):
@@ -116,7 +118,7 @@ def test_relaxed_xi_schedule():
 def test_lambda_mono_keeps_the_fitted_light_white():
     """A face under a tinted light: the plain fit copies the tint into its light; with
     L_mono the light stays closer to white (the tint goes into the albedo instead)."""
-    model = bfm.load_face_model("toy,resolution=24")
+    model = face_models.load_face_model("toy,resolution=24")
     faces = data.SyntheticFaces(face_model=model, size=48, length=1, seed=5, subset="unoccluded",
                                 unexplainable=0.0)
     sample = faces.batch([0])
@@ -170,5 +172,5 @@ def test_keep_at_least_keeps_the_best_fitting_share_or_m_pre():
                                 keep_at_least=0.5)
     assert torch.equal(lenient, losses.preliminary_mask(image, rendered, region, xi=10.0))
     with pytest.raises(ValueError, match="keep_at_least"):
-        fit.fit(image, torch.zeros(2, 68, 2), bfm.load_face_model("toy,resolution=24"),
+        fit.fit(image, torch.zeros(2, 68, 2), face_models.load_face_model("toy,resolution=24"),
                 keep_at_least=1.0)

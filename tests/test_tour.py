@@ -10,13 +10,14 @@ import time
 
 import pytest
 
+import config
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_TRAIN = ["--preset", "tiny"] + [x for k, v in train.PRESETS["tiny"].items()
-                                     if k.endswith("_steps") for x in (train._flag(k), str(v))]
+TINY_TRAIN = ["--preset", "tiny"] + [x for k, v in config.PRESETS["tiny"].items()
+                                     if k.endswith("_steps") for x in (config.flag(k), str(v))]
 SHRINK = {  # script (and subcommand) -> options appended
-    "renderer.py": ["--face-model", "toy,resolution=24"],
+    "face_models.py": ["toy,resolution=24"],  # the model spec, a positional argument
     "data.py show": ["--size", "32", "--per-subset", "1", "--face-model", "toy,resolution=24"],
     "fit.py": ["--size", "32", "--steps", "3", "--landmark-steps", "2",
                "--face-model", "toy,resolution=24"],
@@ -58,7 +59,7 @@ def test_tour_has_six_to_eight_exercises():
 def test_every_tour_command_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # restored after the test
     # the README main job at tiny size: runs/cpu with finished init and em stages
-    cfg = train.make_config("tiny")
+    cfg = config.make_config("tiny")
     train.run("init", "runs/cpu", cfg)
     train.run("em", "runs/cpu", None)
     commands = tour_commands()

@@ -18,19 +18,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bfm
+import config
+import face_models
+import focus
 import losses
+import runs
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER = train.make_config("paper")
-TINY = train.make_config("tiny")
+PAPER = config.make_config("paper")
+TINY = config.make_config("tiny")
 
 
 @pytest.fixture(scope="module")
 def face_model():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the toy model's bases depend (in the last bits) on the threads
-    model = bfm.load_face_model(TINY.face_model)
+    model = face_models.load_face_model(TINY.face_model)
     torch.set_num_threads(threads)
     return model
 
@@ -92,24 +96,24 @@ def test_batch_indices_are_seeded_epoch_permutations(length, batch, seed):
 # ----------------------------------------------------------------------------- config and CLI
 
 def test_make_config_and_overrides():
-    cfg = train.make_config("tiny", eta_area=2.0)
+    cfg = config.make_config("tiny", eta_area=2.0)
     assert cfg.eta_area == 2.0 and cfg.image_size == 32
-    assert train.parse_overrides(["--eta-area", "3", "--detach_mask", "false", "--em-steps", "9"]) \
+    assert config.parse_overrides(["--eta-area", "3", "--detach_mask", "false", "--em-steps", "9"]) \
         == {"eta_area": 3.0, "detach_mask": False, "em_steps": 9}
     with pytest.raises(ValueError, match="unknown option '--eta-aera'.*--eta-area"):
-        train.parse_overrides(["--eta-aera", "3"])
+        config.parse_overrides(["--eta-aera", "3"])
     with pytest.raises(ValueError, match="--em-steps takes int values"):
-        train.parse_overrides(["--em-steps", "many"])
+        config.parse_overrides(["--em-steps", "many"])
     with pytest.raises(ValueError, match="pairs"):
-        train.parse_overrides(["--em-steps"])
+        config.parse_overrides(["--em-steps"])
     with pytest.raises(ValueError, match="image_size"):
-        train.make_config("tiny", image_size=40)
+        config.make_config("tiny", image_size=40)
     with pytest.raises(ValueError, match="variant"):
-        train.make_config("tiny", variant="deep3d")
+        config.make_config("tiny", variant="deep3d")
     with pytest.raises(ValueError, match="needs a perceptual network"):
-        train.make_config("tiny", segmenter_losses="perceptual", perceptual="none")
+        config.make_config("tiny", segmenter_losses="perceptual", perceptual="none")
     with pytest.raises(ValueError, match="unknown preset"):
-        train.make_config("gpu")
+        config.make_config("gpu")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -151,7 +155,7 @@ def test_one_batch_overfits(face_model, variant):
     faces = train.make_dataset(cfg, face_model, seed=cfg.seed, yaw=60.0, pitch=20.0, roll=15.0,
                                depth=100.0)
     batch = train.load_batch(faces, list(range(cfg.batch_size)), torch.device("cpu"))
-    autoencoder, segmenter = train.build_models(cfg, face_model)
+    autoencoder, segmenter = runs.build_models(cfg, face_model)
     optimizers = train.make_optimizers("init", autoencoder, segmenter, cfg)
     ae = [_step("autoencoder", "init", batch, autoencoder, segmenter, optimizers, cfg)[0]
           for _ in range(100)]
@@ -165,7 +169,7 @@ def test_one_batch_overfits(face_model, variant):
 def test_phases_freeze_the_other_network(face_model):
     cfg = TINY
     batch = _batch(cfg, face_model)
-    autoencoder, segmenter = train.build_models(cfg, face_model)
+    autoencoder, segmenter = runs.build_models(cfg, face_model)
     optimizers = train.make_optimizers("em", autoencoder, segmenter, cfg)
     encoder_before = {k: v.clone() for k, v in autoencoder.encoder.state_dict().items()}
     segmenter_before = {k: v.clone() for k, v in segmenter.state_dict().items()}
@@ -184,11 +188,11 @@ def test_phases_freeze_the_other_network(face_model):
 
 
 def test_network_options_reach_the_encoder(face_model):
-    default, _ = train.build_models(TINY, face_model)
+    default, _ = runs.build_models(TINY, face_model)
     assert default.encoder.resnet.stem_pool
     assert default.encoder.scale[-1].item() == pytest.approx(TINY.depth_scale)
     cfg = dataclasses.replace(TINY, stem_pool=False, depth_scale=0.02)
-    autoencoder, _ = train.build_models(cfg, face_model)
+    autoencoder, _ = runs.build_models(cfg, face_model)
     assert not autoencoder.encoder.resnet.stem_pool
     # tz = depth_scale * raw output; the other outputs keep their scales
     assert autoencoder.encoder.scale[-1].item() == pytest.approx(0.02)
@@ -196,7 +200,7 @@ def test_network_options_reach_the_encoder(face_model):
     # the parameters are the same, so a run's checkpoint does not depend on these options
     assert {k: v.shape for k, v in autoencoder.state_dict().items()} == \
         {k: v.shape for k, v in default.state_dict().items()}
-    assert train.parse_overrides(["--stem-pool", "false", "--depth-scale", "0.01",
+    assert config.parse_overrides(["--stem-pool", "false", "--depth-scale", "0.01",
                                   "--train-occluded", "0.5", "--lambda-mono", "10"]) == \
         {"stem_pool": False, "depth_scale": 0.01, "train_occluded": 0.5, "lambda_mono": 10.0}
 
@@ -218,7 +222,7 @@ def test_train_occluded_sets_the_share_of_occluded_training_faces(face_model, st
 
 def test_lambda_mono_adds_the_light_colour_prior(face_model):
     batch = _batch(TINY, face_model)
-    autoencoder, _ = train.build_models(TINY, face_model)
+    autoencoder, _ = runs.build_models(TINY, face_model)
     # a tinted light, so that L_mono > 0
     torch.nn.init.normal_(autoencoder.encoder.resnet.fc.bias, std=0.5)
     loss, logs = train.autoencoder_phase_loss("prior", batch, autoencoder, None, None, TINY)
@@ -264,9 +268,9 @@ def test_heldout_rmse_is_logged_while_training(tmp_path, face_model):
     assert all(0 < value < 255 for value in logged)
     # the logged number is R's mean RMSE on the clean held-out faces, in eval mode
     faces = train.heldout_faces(cfg, face_model, "cpu")
-    assert faces["image"].shape[0] == train.HELDOUT_FACES and faces["occlusion"].sum() == 0
-    autoencoder, _ = train.build_models(cfg, face_model)
-    train.restore(train.load_checkpoint(train.checkpoint_path(run_dir, "init")), autoencoder, None)
+    assert faces["image"].shape[0] == config.HELDOUT_FACES and faces["occlusion"].sum() == 0
+    autoencoder, _ = runs.build_models(cfg, face_model)
+    runs.restore(runs.load_checkpoint(runs.checkpoint_path(run_dir, "init")), autoencoder, None)
     with torch.no_grad():
         out = autoencoder.eval()(faces["image"])
     expected = losses.image_rmse(out.image, faces["image"], faces["region"], out.region).mean()
@@ -279,19 +283,19 @@ def test_heldout_rmse_is_logged_while_training(tmp_path, face_model):
 
 def test_translation_scale_and_bad_new_options(face_model):
     cfg = dataclasses.replace(TINY, translation_scale=10.0)
-    autoencoder, _ = train.build_models(cfg, face_model)
+    autoencoder, _ = runs.build_models(cfg, face_model)
     # tx, ty = translation_scale * raw outputs (positions 3, 4 of the pose)
     assert autoencoder.encoder.scale[-3:-1].tolist() == [10.0, 10.0]
     for bad in ({"translation_scale": 0.0}, {"depth_scale": -1.0}, {"lambda_mono": -0.1},
                 {"train_occluded": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            train.make_config("tiny", **bad)
+            config.make_config("tiny", **bad)
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_detach_mask_stops_gradient_into_encoder(face_model, detach):
     cfg = dataclasses.replace(TINY, detach_mask=detach)
     batch = _batch(cfg, face_model)
-    autoencoder, segmenter = train.build_models(cfg, face_model)
+    autoencoder, segmenter = runs.build_models(cfg, face_model)
     train.set_phase("autoencoder", autoencoder, segmenter)
     out = autoencoder(batch["image"])
     mask = train.face_mask("em", batch, out, segmenter, cfg)
@@ -332,21 +336,21 @@ class _FakeFaces:
 
 def test_misfit_prior_is_the_mean_error(face_model):
     # theta = 0 at initialisation: P_i is the mean shape, so E_MP = -mean_i offset_i (Eq. 11)
-    autoencoder, _ = train.build_models(TINY, face_model)
+    autoencoder, _ = runs.build_models(TINY, face_model)
     offsets = torch.randn(5, face_model.num_vertices, 3)
     prior = train.misfit_prior(autoencoder, _FakeFaces(face_model, offsets),
                                dataclasses.replace(TINY, batch_size=2))
     torch.testing.assert_close(prior, -offsets.mean(dim=0), atol=1e-4, rtol=0)
     shapes = torch.randn(2, face_model.num_vertices, 3)
-    torch.testing.assert_close(train.apply_misfit_prior(shapes, prior), shapes - prior)
+    torch.testing.assert_close(focus.apply_misfit_prior(shapes, prior), shapes - prior)
     with pytest.raises(ValueError, match="must agree"):
-        train.apply_misfit_prior(shapes[:, :10], prior)
+        focus.apply_misfit_prior(shapes[:, :10], prior)
 
 
 # ----------------------------------------------------------------------------- runs
 
 def _weights(run_dir, stage):
-    state = train.load_checkpoint(train.checkpoint_path(run_dir, stage))
+    state = runs.load_checkpoint(runs.checkpoint_path(run_dir, stage))
     return state
 
 
@@ -372,35 +376,35 @@ def test_stages_write_a_complete_run_dir(tmp_path, face_model):
         assert json.load(f) == dataclasses.asdict(cfg)
     with open(os.path.join(run_dir, "log.csv")) as f:
         header, *rows = f.read().splitlines()
-    assert header.split(",") == list(train.LOG_FIELDS)
+    assert header.split(",") == list(runs.LOG_FIELDS)
     assert len(rows) == 6 + 6 + 3
     text = open(os.path.join(run_dir, "log.txt")).read()
     assert "WARNING: mask collapse" in text and "ETA" in text
     prior = torch.load(os.path.join(run_dir, "misfit_prior.pt"), weights_only=True)
     assert prior["E_MP"].shape == (face_model.num_vertices, 3)
-    cfg_loaded, autoencoder, segmenter = train.load_models(run_dir, stage="em")
+    cfg_loaded, autoencoder, segmenter = runs.load_models(run_dir, stage="em")
     assert cfg_loaded == cfg and segmenter is not None and not autoencoder.training
     # a finished stage is not silently redone; a different config is refused
-    with pytest.raises(train.RunError, match="already finished"):
+    with pytest.raises(runs.RunError, match="already finished"):
         train.run("em", run_dir, cfg)
-    with pytest.raises(train.RunError, match="another config.*eta_area"):
+    with pytest.raises(runs.RunError, match="another config.*eta_area"):
         train.run("em", run_dir, dataclasses.replace(cfg, eta_area=1.0))
 
 
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
     run_dir = str(tmp_path / "run")
     cfg = dataclasses.replace(TINY, em_steps=0, prior_steps=0)
-    with pytest.raises(train.RunError, match="no config.json"):
+    with pytest.raises(runs.RunError, match="no config.json"):
         train.run("init", run_dir, None, resume=True)
     train.run("init", run_dir, cfg)
-    with pytest.raises(train.RunError, match="no checkpoint at .*em.pt"):
+    with pytest.raises(runs.RunError, match="no checkpoint at .*em.pt"):
         train.run("em", run_dir, cfg, resume=True)
-    path = train.checkpoint_path(run_dir, "init")
+    path = runs.checkpoint_path(run_dir, "init")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(train.RunError, match="corrupt"):
+    with pytest.raises(runs.RunError, match="corrupt"):
         train.run("init", run_dir, cfg, resume=True)
-    with pytest.raises(train.RunError, match="corrupt"):
+    with pytest.raises(runs.RunError, match="corrupt"):
         train.run("em", run_dir, cfg)
 
 
@@ -414,7 +418,7 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_variants_run_a_few_tiny_steps(tmp_path, face_model, overrides):
     cfg = dataclasses.replace(TINY, figure_every=100, init_ae_steps=2, init_seg_steps=1,
                               em_steps=3, prior_steps=0, **overrides)
-    train.validate(cfg)
+    config.validate(cfg)
     run_dir = str(tmp_path / "run")
     train.train_stage("init", _prepared(run_dir, cfg), cfg, face_model=face_model)
     states = train.train_stage("em", run_dir, cfg, face_model=face_model)
@@ -425,7 +429,7 @@ def test_variants_run_a_few_tiny_steps(tmp_path, face_model, overrides):
 
 
 def _prepared(run_dir, cfg):
-    train.prepare_run_dir(run_dir, cfg)
+    runs.prepare_run_dir(run_dir, cfg)
     return run_dir
 
 
@@ -446,7 +450,7 @@ def test_perceptual_segmenter_losses_run(tmp_path, face_model, losses):
     with open(os.path.join(run_dir, "log.csv")) as f:
         text = f.read()
     segmenter_row = [r for r in text.splitlines() if ",segmenter," in r][0].split(",")
-    fields = dict(zip(train.LOG_FIELDS, segmenter_row))
+    fields = dict(zip(runs.LOG_FIELDS, segmenter_row))
     value = {k: float(v) for k, v in fields.items() if k.startswith("L_") and v}
     # 'Perceptual' (Sec. 4.4): L_nbr is logged but carries no weight
     eta_nbr = cfg.eta_nbr if losses == "full" else 0.0
@@ -455,7 +459,7 @@ def test_perceptual_segmenter_losses_run(tmp_path, face_model, losses):
                 + cfg.eta_bin * value["L_bin"])
     assert float(fields["loss"]) == pytest.approx(expected, rel=1e-4, abs=1e-5)
     autoencoder_row = [r for r in text.splitlines() if ",em," not in r and ",autoencoder," in r]
-    assert dict(zip(train.LOG_FIELDS, autoencoder_row[0].split(",")))["L_per"]
+    assert dict(zip(runs.LOG_FIELDS, autoencoder_row[0].split(",")))["L_per"]
 
 
 def _cli(run_dir, *extra):
@@ -473,15 +477,15 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
     process = subprocess.Popen(_cli(killed, *options), env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
-    em_path = train.checkpoint_path(killed, "em")
+    em_path = runs.checkpoint_path(killed, "em")
     while time.time() < deadline and process.poll() is None:
         # kill mid-EM, after the checkpoint at step 2 and before the end
-        if os.path.exists(em_path) and train.load_checkpoint(em_path)["step"] >= 2:
+        if os.path.exists(em_path) and runs.load_checkpoint(em_path)["step"] >= 2:
             break
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    state = train.load_checkpoint(em_path)
+    state = runs.load_checkpoint(em_path)
     assert not state["done"], "the run ended before it could be killed"
     subprocess.run(_cli(killed, "--resume"), check=True, env=env, cwd=ROOT,
                    stdout=subprocess.DEVNULL, timeout=120)
@@ -504,7 +508,7 @@ def test_data_cache_changes_no_number(tmp_path, face_model):
         cfg = dataclasses.replace(TINY, data_cache_mb=cache, train_length=6, init_ae_steps=8,
                                   init_seg_steps=0)
         run_dir = str(tmp_path / f"cache{cache}")
-        train.prepare_run_dir(run_dir, cfg)
+        runs.prepare_run_dir(run_dir, cfg)
         train.train_stage("init", run_dir, cfg, face_model=face_model)
         states.append(_weights(run_dir, "init"))
     _assert_same_state(*states)
@@ -513,7 +517,7 @@ def test_data_cache_changes_no_number(tmp_path, face_model):
 @pytest.mark.parametrize("stage", ["init", "em", "prior"])
 def test_cosine_schedule_runs_each_network_from_lr_to_zero(face_model, stage):
     cfg = dataclasses.replace(TINY, lr_schedule="cosine", init_seg_steps=3, em_steps=9)
-    autoencoder, segmenter = train.build_models(cfg, face_model)
+    autoencoder, segmenter = runs.build_models(cfg, face_model)
     optimizers = train.make_optimizers(stage, autoencoder, segmenter, cfg)
     steps = train.phase_steps(stage, cfg)
     assert sum(steps.values()) == train.stage_steps(stage, cfg)
@@ -526,17 +530,17 @@ def test_cosine_schedule_runs_each_network_from_lr_to_zero(face_model, stage):
             schedule.step()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12), phase
     with pytest.raises(ValueError, match="lr_schedule"):
-        train.make_config("tiny", lr_schedule="linear")
+        config.make_config("tiny", lr_schedule="linear")
 
 
 def test_truncate_log_drops_later_rows_and_a_cut_row(tmp_path):
     run_dir = str(tmp_path)
     for stage, step in (("init", 2), ("em", 2), ("em", 4)):
-        train.append_log(run_dir, {"stage": stage, "step": step, "phase": "autoencoder",
+        runs.append_log(run_dir, {"stage": stage, "step": step, "phase": "autoencoder",
                                    "loss": 1.0})
     with open(os.path.join(run_dir, "log.csv"), "a") as f:
         f.write("em,6,autoenc")  # a row cut short by SIGKILL
-    train.truncate_log(run_dir, "em", 2)
+    runs.truncate_log(run_dir, "em", 2)
     with open(os.path.join(run_dir, "log.csv")) as f:
         rows = f.read().splitlines()
     assert [r.split(",")[:2] for r in rows[1:]] == [["init", "2"], ["em", "2"]]
@@ -563,9 +567,17 @@ def test_folder_data_trains(tmp_path, face_model):
         assert len(f.read().splitlines()) == 1 + 3
     # without <name>_visible_skin_mask.png files the supervised baseline cannot train
     cfg = dataclasses.replace(cfg, variant="supervised")
-    with pytest.raises(train.RunError, match="ground-truth masks"):
+    with pytest.raises(runs.RunError, match="ground-truth masks"):
         train.train_stage("init", _prepared(str(tmp_path / "run2"), cfg), cfg,
                           face_model=face_model)
-    with pytest.raises(train.RunError, match="folder"):
+    with pytest.raises(runs.RunError, match="folder"):
         train.make_dataset(dataclasses.replace(TINY, data=str(tmp_path / "nowhere")),
                            face_model, seed=0)
+
+
+def test_seeds_live_in_config_and_are_distinct():
+    """Every data set of training and evaluation draws from its own seed (config.py)."""
+    seeds = [config.PRIOR_TRAIN_SEED, config.PRIOR_EVAL_SEED, config.PREVIEW_SEED,
+             config.HELDOUT_SEED, config.EVAL_SEED, config.SKIN_SEED, config.VALIDATION_SEED]
+    assert len(set(seeds)) == len(seeds)
+    assert len(set(config.STAGE_SALT.values())) == len(config.STAGES)
