@@ -3,7 +3,8 @@
 None of this is the paper's method; it is how the runs, fits and data are shown. The training
 previews and curves (train.py), the evaluation figures (evaluate.py), the fitting and photo
 figures (fit.py, photos.py), the data contact sheet (data.py) and the renderer demo sheet
-(renderer.py) all live here, and all write their PNGs through the one `save_png`.
+(`python face_models.py --demo`) all live here, and all write their PNGs through the one
+`save_png`.
 
 Conventions: images (3, H, W) or (B, 3, H, W) in [0, 1] (masks (1, H, W)); a PNG stores
 round(255 x) of the image clamped to [0, 1]. Plots are matplotlib `Figure` objects (no pyplot
