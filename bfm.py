@@ -22,7 +22,9 @@ Conventions (shape letters B batch, V vertices, F triangles, K modes):
 - 68 landmarks in the iBUG / Multi-PIE convention (0-based: jaw 0-16, brows 17-26, nose
   bridge 27-30, nostrils 31-35, eyes 36-47, outer lip 48-59, inner lip 60-67); point 0 is on
   the subject's right (x < 0). `LANDMARK_MIRROR` is the left/right flip of these ids and
-  `LANDMARK_WEIGHTS` the per-landmark weights of Eq. 7 (the one source; `losses.py` reads it).
+  `LANDMARK_WEIGHTS` the per-landmark weights of Eq. 7 (the one source; `losses.py` reads it);
+  `five_points` reduces the 68 to Deep3D's 5 alignment points (`FIVE_POINTS`), which the
+  photo crops (data.py) and the perceptual network's crops (perceptual.py) both use.
 - theta (B, 257) = id 80 | exp 64 | albedo 80 | sh 27 | pose 6 (`THETA_SIZES`, `split_theta`).
 - Every model holds bases at exactly these sizes: a file with more modes keeps the leading
   ones, a file with fewer gets zero modes (their coefficients have no effect).
@@ -64,6 +66,19 @@ def _mirror_table(pairs):
 
 # landmark k of a mirrored face is landmark LANDMARK_MIRROR[k] of the original
 LANDMARK_MIRROR = _mirror_table(_MIRROR_PAIRS)
+# the 68-landmark ids averaged into each of the 5 points (Deep3D's `extract_5p`): the
+# subject's right eye (corners 36, 39), left eye (42, 45), nose tip, right and left mouth corner
+FIVE_POINTS = ((36, 39), (42, 45), (30,), (48,), (54,))
+
+
+def five_points(landmarks):
+    """Deep3D's 5 points (..., 5, D) from 68 landmarks (..., 68, D), in 2D or 3D: the means
+    of the landmarks of `FIVE_POINTS` (eye centres, nose tip, mouth corners). An array or
+    list gives a float64 numpy array; a tensor gives a tensor of its dtype, differentiable."""
+    if torch.is_tensor(landmarks):
+        return torch.stack([landmarks[..., list(ids), :].mean(-2) for ids in FIVE_POINTS], -2)
+    lm = np.asarray(landmarks, dtype=np.float64)
+    return np.stack([lm[..., list(ids), :].mean(-2) for ids in FIVE_POINTS], -2)
 
 
 # ----------------------------------------------------------------------------- theta layout

@@ -102,9 +102,6 @@ DEEP3D_LM3D = np.array([[-0.31148657, 0.29036078, 0.13377953],
                         [0.0032535, -0.04617932, 0.55244243],
                         [-0.25216928, -0.38133916, 0.22405732],
                         [0.2484662, -0.38128236, 0.22235769]])
-# the 68-landmark ids averaged into each of the 5 points (Deep3D's `extract_5p`): the
-# subject's right eye (corners 36, 39), left eye (42, 45), nose tip, right and left mouth corner
-FIVE_POINTS = ((36, 39), (42, 45), (30,), (48,), (54,))
 DEEP3D_RESCALE = 102.0  # px per template unit at 224 x 224 (Deep3D's rescale_factor)
 AUGMENT_SHIFT = 10.0  # px at 224, +- (official get_affine_mat)
 AUGMENT_SCALE = 0.1  # +- relative
@@ -229,8 +226,7 @@ def align_pose(theta: torch.Tensor, vertices: torch.Tensor, landmark_ids: torch.
     Returns:
         (B, 257) theta with tx, ty replaced.
     """
-    five = torch.as_tensor(five_points(vertices[:, landmark_ids].detach().cpu().numpy()),
-                           dtype=theta.dtype).to(theta.device)  # (B, 5, 3)
+    five = bfm.five_points(vertices[:, landmark_ids].detach().double()).to(theta)  # (B, 5, 3)
     template = torch.as_tensor(DEEP3D_LM3D, dtype=theta.dtype, device=theta.device)  # (5, 3)
     # P ~ s X + o: s = <P - mean P, X - mean X> / |X - mean X|^2, o = mean P - s mean X
     P, X = five - five.mean(1, keepdim=True), template - template.mean(0)  # (B, 5, 3), (5, 3)
@@ -638,22 +634,11 @@ def check_landmarks(landmarks, height: int, width: int, where: str) -> None:
         k = int(np.argmax(outside))
         raise BadInput(f"{where}: landmark {k + 1} at ({lm[k, 0]:.1f}, {lm[k, 1]:.1f}) is far outside the "
                        f"{width} x {height} image (landmarks for another image size?)")
-    if np.ptp(five_points(lm), axis=0).max() < 2.0:
+    if np.ptp(bfm.five_points(lm), axis=0).max() < 2.0:
         raise BadInput(f"{where}: landmarks collapse to a point (no face scale)")
 
 
 # ----------------------------------------------------------------------------- alignment
-
-def five_points(landmarks):
-    """Deep3D's 5 points (..., 5, D) from 68 landmarks (..., 68, D), in 2D or 3D: the means
-    of the landmarks of `FIVE_POINTS` (eye centres, nose tip, mouth corners). An array or
-    list gives a float64 numpy array; a tensor gives a tensor of its dtype, differentiable
-    (perceptual.py aligns its crops with it)."""
-    if torch.is_tensor(landmarks):
-        return torch.stack([landmarks[..., list(ids), :].mean(-2) for ids in FIVE_POINTS], -2)
-    lm = np.asarray(landmarks, dtype=np.float64)
-    return np.stack([lm[..., list(ids), :].mean(-2) for ids in FIVE_POINTS], -2)
-
 
 def alignment_matrix(landmarks, *, size=224) -> np.ndarray:
     """The affine map (2, 3) from photo pixels to the aligned crop (Deep3D, Sec. 4.1 / [5]).
@@ -670,7 +655,7 @@ def alignment_matrix(landmarks, *, size=224) -> np.ndarray:
         (2, 3) float64 matrix M with q = M [p; 1].
     """
     H, W = _size_pair(size)
-    p = five_points(np.asarray(landmarks, dtype=np.float64))  # (5, 2)
+    p = bfm.five_points(np.asarray(landmarks, dtype=np.float64))  # (5, 2)
     X = DEEP3D_LM3D * np.array([1.0, -1.0, 1.0])  # (5, 3), y down like image rows
     # [p_x; p_y] = [X 1 0; 0 X 1] [A_1 t_x A_2 t_y]^T
     design = np.zeros((10, 8))

@@ -44,11 +44,11 @@ import focus
 import losses
 import renderer
 import runs
-from config import FIT_SAMPLE_SEED
+from config import FIT_SAMPLE_SEED, Config
 
 MODES = ("plain", "robust", "segmenter")
-LAMBDA_PIXEL = 0.5  # lambda_1 of Eq. 8
-LAMBDA_LM = 5e-4  # lambda_3 of Eq. 8
+# lambda_1 and lambda_3 of Eq. 8: the paper's, as `config.Config` holds them
+LAMBDA_PIXEL, LAMBDA_LM = Config.lambda_pixel, Config.lambda_lm
 
 
 def theta_step(dtype=torch.float32, device=None) -> torch.Tensor:
@@ -130,7 +130,9 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
             callback(history[-1])
         if snapshot_every and step % snapshot_every == 0:
             with torch.no_grad():
-                snapshots.append((step, composite(out or draw(theta), image).detach()))
+                shown = draw(theta) if out is None else out
+                snapshots.append((step, figures.render_over(image, shown.image,
+                                                            shown.region).detach()))
     with torch.no_grad():
         theta = free * step_scale
         out = draw(theta)
@@ -270,11 +272,6 @@ def estimate_mask(image: torch.Tensor, out: focus.AutoencoderOutput, *, mode: st
     threshold = torch.tensor(thresholds, dtype=residual.dtype, device=residual.device)
     keep = (residual <= threshold.view(-1, 1, 1, 1)) & inside  # (B, 1, H, W)
     return keep.to(image.dtype)
-
-
-def composite(out: focus.AutoencoderOutput, image: torch.Tensor) -> torch.Tensor:
-    """The render pasted over the target: (B, 3, H, W)."""
-    return out.image.clamp(0, 1) * out.region + image * (1 - out.region)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -440,7 +437,8 @@ def write_outputs(out: str, result: FitResult, image: torch.Tensor, model) -> No
         vertices = model.vertices(t.id, t.exp)[0]
         colors = model.albedo(t.albedo)[0].clamp(0, 1)
     bfm.save_obj(os.path.join(out, "fit.obj"), vertices, model.triangles, colors)
-    figures.save_png(composite(result.rendered, image)[0], os.path.join(out, "render.png"))
+    over = figures.render_over(image, result.rendered.image, result.rendered.region)
+    figures.save_png(over[0], os.path.join(out, "render.png"))
     figures.save_png(result.mask[0], os.path.join(out, "mask.png"))
     figures.save_png(figures.progress_strip(result.snapshots, image),
                      os.path.join(out, "progress.png"))

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import data
+import bfm
 
 
 class PerceptualFeatures(NamedTuple):
@@ -97,7 +97,7 @@ ARCFACE_TEMPLATE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.736
 
 def five_points(landmarks: Tensor) -> Tensor:
     """The 5 alignment points of 68 landmarks: eye centres, nose tip, mouth corners (Deep3D's
-    points, `data.five_points`; order: eye on the image's left, eye on the right, nose, mouth
+    points, `bfm.five_points`; order: eye on the image's left, eye on the right, nose, mouth
     left, mouth right), differentiable.
 
     Args:
@@ -108,7 +108,7 @@ def five_points(landmarks: Tensor) -> Tensor:
     if not isinstance(landmarks, Tensor) or landmarks.dim() != 3 or landmarks.shape[1:] != (68, 2):
         shape = tuple(landmarks.shape) if isinstance(landmarks, Tensor) else type(landmarks)
         raise ValueError(f"landmarks must be a (B, 68, 2) tensor, got {shape}")
-    return data.five_points(landmarks)  # (B, 5, 2)
+    return bfm.five_points(landmarks)  # (B, 5, 2)
 
 
 def dlib_template(*, size: int = 150, padding: float = 0.25) -> Tensor:

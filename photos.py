@@ -254,7 +254,7 @@ def run(photos=("hopper", "astronaut"), *, size: int = 224, modes=("plain", "rob
 
 
 def markdown(scores: dict, modes) -> str:
-    """Per photo and case, each mode's outlier IoU and skin ratio; then the means per family."""
+    """Per photo and case, each mode's outlier IoU and skin ratio, as a markdown table."""
     lines = ["| photo | case | " + " | ".join(f"{m}: IoU | {m}: skin ratio" for m in modes)
              + " |", "|---|---" + "|---:" * (2 * len(modes)) + "|"]
     for photo, cases in scores.items():

@@ -468,8 +468,7 @@ def log_interval(run_dir: str, stage: str, step: int, total: int, interval: dict
         lr = optimizers[phase][0].param_groups[0]["lr"]
         runs.append_log(run_dir, {"stage": stage, "step": step, "phase": phase, **means,
                                   "lr": lr, "s_per_step": seconds})
-        terms = {k: v for k, v in means.items()}
-        runs.say(run_dir, progress_line(stage, step, total, phase, terms, seconds))
+        runs.say(run_dir, progress_line(stage, step, total, phase, means, seconds))
         learned_mask = phase in ("segmenter", "pretrain") or (stage == "em"
                                                                and cfg.variant == "focus")
         if learned_mask and not cfg.collapse_low <= means["kept"] <= cfg.collapse_high:
@@ -498,7 +497,7 @@ def finish_prior(run_dir: str, cfg: Config, autoencoder, face_model) -> None:
                           length=cfg.prior_samples)
     prior = misfit_prior(autoencoder, samples, cfg)
     runs.atomic_save({"E_MP": prior, "num_samples": cfg.prior_samples,
-                 "face_model": cfg.face_model}, os.path.join(run_dir, "misfit_prior.pt"))
+                      "face_model": cfg.face_model}, os.path.join(run_dir, "misfit_prior.pt"))
     norms = prior.norm(dim=1)  # (V,)
     runs.say(run_dir, f"prior: E_MP over {cfg.prior_samples} faces, per-vertex |E_MP| mean "
                       f"{norms.mean():.3f} mm, max {norms.max():.3f} mm")

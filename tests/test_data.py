@@ -371,7 +371,7 @@ def test_aligned_faces_are_already_aligned_crops(toy):
     moves = []
     for landmarks in batch["landmarks"].numpy():
         M = data.alignment_matrix(landmarks, size=224)
-        centroid = data.five_points(landmarks).mean(0)  # (2,)
+        centroid = bfm.five_points(landmarks).mean(0)  # (2,)
         moves.append(M[:, :2] @ centroid + M[:, 2] - centroid)  # where the crop moves it, px
     moves = np.array(moves)  # (16, 2)
     # px at 224: the alignment's affine camera against the renderer's perspective
@@ -488,13 +488,13 @@ def template_landmarks(scale=2.0, shift=(300.0, 200.0)):
 
 def test_five_points_by_hand_from_an_array_and_a_tensor():
     lm = np.random.default_rng(0).uniform(0, 200, (2, 68, 3))  # batched, 3D
-    five = data.five_points(lm)  # (2, 5, 3)
+    five = bfm.five_points(lm)  # (2, 5, 3)
     assert isinstance(five, np.ndarray) and five.shape == (2, 5, 3) and five.dtype == np.float64
     np.testing.assert_array_equal(five[1, 0], (lm[1, 36] + lm[1, 39]) / 2)
     np.testing.assert_array_equal(five[1, 2:], lm[1, [30, 48, 54]])
     # a tensor keeps its type (perceptual.py's crop differentiates through it), same numbers
     tensor = torch.from_numpy(lm).requires_grad_()
-    five_t = data.five_points(tensor)
+    five_t = bfm.five_points(tensor)
     np.testing.assert_array_equal(five_t.detach().numpy(), five)
     five_t.sum().backward()
     assert tensor.grad[0, [36, 39, 42, 45], 0].eq(0.5).all() and tensor.grad[0, 30, 0] == 1
@@ -503,7 +503,7 @@ def test_five_points_by_hand_from_an_array_and_a_tensor():
 def test_alignment_maps_the_template_to_its_crop_position():
     lm = template_landmarks()
     matrix = data.alignment_matrix(lm, size=224)
-    aligned = data.five_points(data.apply_affine(matrix, lm))  # (5, 2)
+    aligned = bfm.five_points(data.apply_affine(matrix, lm))  # (5, 2)
     # a frontal template fits with its depth unused: q = 102 (x, -y) + centre + the fitted offset
     expected = data.DEEP3D_LM3D[:, :2] * np.array([1.0, -1.0]) * data.DEEP3D_RESCALE
     offset = (aligned - expected).mean(0)
@@ -872,6 +872,6 @@ def test_prepare_detects_aligns_and_writes_the_csv(tmp_path):
     assert counts == {"written": 1, "no_face": 0, "bad": 1}
     sample = data.ImageFolderFaces(str(out))[0]
     assert sample["image"].shape == (3, 224, 224)
-    five = data.five_points(sample["landmarks"].numpy())
+    five = bfm.five_points(sample["landmarks"].numpy())
     template = data.DEEP3D_LM3D[:, :2] * np.array([1.0, -1.0]) * data.DEEP3D_RESCALE + 111.5
     assert np.abs(five - template).max() < 15  # eyes, nose and mouth where Deep3D puts them

@@ -38,7 +38,7 @@ def scene():
 
 def visible_error(result, image, region):
     """Mean squared error of the fitted composite inside the given region."""
-    fitted = fit.composite(result.rendered, image)
+    fitted = figures.render_over(image, result.rendered.image, result.rendered.region)
     return float((((fitted - image) ** 2) * region).sum() / (3 * region.sum()))
 
 
