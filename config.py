@@ -37,7 +37,8 @@ EVAL_SEED = 5_000  # the test faces; training uses cfg.seed (0), the prior 1,000
 SKIN_SEED = 4_000  # the faces the skin-colour model is fitted on
 VALIDATION_SEED = 7_000  # faces to choose settings on (docs/levers.md); never EVAL_SEED's
 FIT_SAMPLE_SEED = 1  # fit.py's held-out synthetic samples (`python fit.py INDEX`)
-PHOTO_OCCLUDER_SEEDS = (0, 1)  # photos.py: draws of each occluder pasted on a photo
+PHOTO_OCCLUDER_SEEDS = (0, 1, 2, 3)  # photos.py: draws of each occluder pasted on a photo
+LIGHT_PRIOR_SEED = 8_000  # the lights `data.light_statistics` draws for fit.py's light prior
 
 
 # ----------------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ import bfm
 import face_models
 import occluders
 import renderer
+from config import LIGHT_PRIOR_SEED
 
 SUBSETS = ("train", "unoccluded", "glasses", "scarf", "hand", "random")  # "train" = mixed
 # occluder families drawn in each subset; "train" and "random" add a second family at times
@@ -209,6 +210,17 @@ def sample_theta(rng: np.random.Generator, ranges: Ranges) -> torch.Tensor:
                      rng.uniform(-r.shift, r.shift), rng.uniform(-r.shift, r.shift),
                      rng.uniform(-r.depth, r.depth)])
     return torch.from_numpy(np.concatenate([id_, exp, albedo, sh.reshape(-1), pose])).float()  # (257,)
+
+
+@functools.lru_cache(maxsize=None)
+def light_statistics(count: int = 4096, seed: int = LIGHT_PRIOR_SEED):
+    """Mean and standard deviation (each (27,), float32) of the SH light phi over `count`
+    draws of `sample_theta` with the default `Ranges`: the light prior of
+    `losses.light_prior_loss` (fixed seed, so the same numbers on every machine)."""
+    rng = np.random.default_rng(seed)
+    start = sum(size for name, size in bfm.THETA_SIZES.items() if name in ("id", "exp", "albedo"))
+    sh = torch.stack([sample_theta(rng, Ranges())[start:start + 27] for _ in range(count)])
+    return sh.mean(0), sh.std(0)
 
 
 def align_pose(theta: torch.Tensor, vertices: torch.Tensor, landmark_ids: torch.Tensor) -> torch.Tensor:

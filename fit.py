@@ -80,8 +80,9 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
         mode: str = "plain", steps: int = 300, landmark_steps: int = 100, lr: float = 0.03,
         mask_every: int = 10, xi: float = 0.17, xi_start: Optional[float] = None,
         keep_at_least: float = 0.0, lambda_reg: float = 0.01, lambda_mono: float = 0.0,
-        segmenter: Optional[torch.nn.Module] = None, features: Optional[Callable] = None,
-        snapshot_every: int = 0, callback: Optional[Callable[[dict], None]] = None) -> FitResult:
+        lambda_light: float = 0.0, segmenter: Optional[torch.nn.Module] = None, features: Optional[Callable] = None,
+        init: Optional[torch.Tensor] = None, snapshot_every: int = 0,
+        callback: Optional[Callable[[dict], None]] = None) -> FitResult:
     """Fit theta to images by gradient descent on L_R (Eq. 8) through the renderer.
 
     Args:
@@ -99,24 +100,32 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
             module docstring).
         lambda_mono: weight of the white-light prior L_mono (`losses.light_colour_loss`,
             Deep3D's), which keeps a tinted light from explaining a coloured occluder.
+        lambda_light: weight of the light prior L_light (`losses.light_prior_loss` with the
+            synthetic faces' lights, `data.light_statistics`), which keeps the light's
+            brightness and direction from darkening the face under a dark occluder.
         segmenter: a trained UNet, forward(rendered, target) -> (B, 1, H, W); segmenter mode.
         features: F as a callable images -> features (adds L_per), or None.
+        init: theta (B, 257) to start from (e.g. a fit at a smaller size, `coarse_to_fine`);
+            None: the mean face, facing the camera.
         snapshot_every: keep a render every this many steps for a progress strip (0: none).
         callback: called with each step's history row (e.g. to print progress).
     """
     _check_fit(image, landmarks, mode=mode, segmenter=segmenter, steps=steps,
                landmark_steps=landmark_steps, mask_every=mask_every, xi=xi, xi_start=xi_start,
-               keep_at_least=keep_at_least, lambda_mono=lambda_mono)
+               keep_at_least=keep_at_least, lambda_mono=lambda_mono, lambda_light=lambda_light)
     model = model.to(device=image.device)
     draw, e_step = decoder_and_e_step(image, model, mode=mode, steps=steps, xi=xi,
                                       xi_start=xi_start, keep_at_least=keep_at_least,
                                       segmenter=segmenter)
     step_scale = theta_step(image.dtype, image.device)  # (257,)
-    free = torch.zeros(image.shape[0], step_scale.numel(), dtype=image.dtype, device=image.device,
-                       requires_grad=True)
+    if init is None:
+        init = torch.zeros(image.shape[0], step_scale.numel(), dtype=image.dtype,
+                           device=image.device)
+    free = (init.to(image) / step_scale).detach().requires_grad_(True)  # (B, 257)
     optimizer = torch.optim.Adam([free], lr=lr)
     weights = dict(lm_weights=losses.landmark_weights(dtype=image.dtype, device=image.device),
-                   lambda_reg=lambda_reg, lambda_mono=lambda_mono)
+                   lambda_reg=lambda_reg, lambda_mono=lambda_mono,
+                   light=light_prior(lambda_light, image.dtype, image.device))
     mask, history, snapshots = torch.ones_like(image[:, :1]), [], []
     for step in range(landmark_steps + steps):
         theta = free * step_scale  # (B, 257)
@@ -138,6 +147,37 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
         out = draw(theta)
         mask = e_step(None, out) if mode != "plain" else mask
     return FitResult(theta.detach(), out, mask * out.region, history, snapshots)
+
+
+def coarse_to_fine(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel, *,
+                   coarse_size: int, steps: int = 300, coarse_steps: int = 200,
+                   landmark_steps: int = 100, **options) -> FitResult:
+    """`fit` first at coarse_size x coarse_size (the landmark stage and `coarse_steps` of the
+    full loss, on the area-averaged image), then the remaining `steps - coarse_steps` at the
+    image's own size from that theta. theta does not depend on the image size (the camera's
+    focal length scales with it), so the coarse fit is a start for the fine one.
+
+    Returns the fine fit, with the coarse fit's history (stage names prefixed "coarse ")
+    before its own and its snapshots only. `options` go to both `fit` calls.
+    """
+    if not 0 <= coarse_steps <= steps:
+        raise ValueError(f"coarse_steps must be in [0, steps={steps}], got {coarse_steps}")
+    size = image.shape[-1]
+    if image.shape[-2] != size or not 16 <= coarse_size <= size:
+        raise ValueError(f"coarse_to_fine needs a square image and 16 <= coarse_size <= its "
+                         f"size, got {tuple(image.shape[-2:])} and {coarse_size}")
+    ratio = coarse_size / size
+    small = torch.nn.functional.interpolate(image, size=(coarse_size, coarse_size), mode="area")
+    small_landmarks = (landmarks + 0.5) * ratio - 0.5  # pixel centres at integers
+    snapshot_every = options.pop("snapshot_every", 0)
+    coarse = fit(small, small_landmarks, model, steps=coarse_steps, landmark_steps=landmark_steps,
+                 **options)
+    fine = fit(image, landmarks, model, steps=steps - coarse_steps, landmark_steps=0,
+               init=coarse.theta, snapshot_every=snapshot_every, **options)
+    offset = len(coarse.history)
+    history = ([{**row, "stage": f"coarse {row['stage']}"} for row in coarse.history]
+               + [{**row, "step": row["step"] + offset} for row in fine.history])
+    return fine._replace(history=history)
 
 
 def decoder_and_e_step(image: torch.Tensor, model: bfm.MorphableModel, *, mode: str, steps: int,
@@ -181,7 +221,7 @@ def fit_step(k: int, theta: torch.Tensor, mask: torch.Tensor, optimizer, *, imag
 
 
 def _check_fit(image, landmarks, *, mode, segmenter, steps, landmark_steps, mask_every, xi,
-               xi_start, keep_at_least, lambda_mono) -> None:
+               xi_start, keep_at_least, lambda_mono, lambda_light=0.0) -> None:
     """Raise ValueError naming the first argument of `fit` that cannot work."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -194,21 +234,22 @@ def _check_fit(image, landmarks, *, mode, segmenter, steps, landmark_steps, mask
                          f"{tuple(landmarks.shape)}")
     if steps < 0 or landmark_steps < 0 or mask_every < 1:
         raise ValueError("steps and landmark_steps must be >= 0, mask_every >= 1")
-    if lambda_mono < 0 or xi <= 0 or (xi_start is not None and xi_start <= 0):
-        raise ValueError("lambda_mono must be >= 0, xi and xi_start > 0")
+    if lambda_mono < 0 or lambda_light < 0 or xi <= 0 or (xi_start is not None and xi_start <= 0):
+        raise ValueError("lambda_mono and lambda_light must be >= 0, xi and xi_start > 0")
     if not 0 <= keep_at_least < 1:
         raise ValueError(f"keep_at_least is a share in [0, 1), got {keep_at_least}")
 
 
 def full_loss(image, landmarks, theta, out: focus.AutoencoderOutput, mask, features, *, lm_weights,
-              lambda_reg: float, lambda_mono: float):
+              lambda_reg: float, lambda_mono: float, light=None):
     """L_R (Eq. 8) of a render under the mask M: (scalar, dict of the unweighted terms)."""
     parts = bfm.split_theta(theta)
-    return losses.autoencoder_loss(
+    total, terms = losses.autoencoder_loss(
         image, out.image, mask, out.region, lm_target=landmarks, lm_pred=out.landmarks,
         lm_weights=lm_weights, coefficients=(parts.id, parts.exp, parts.albedo),
         features=features, lambda_pixel=LAMBDA_PIXEL, lambda_lm=LAMBDA_LM,
         lambda_reg=lambda_reg, sh=parts.sh if lambda_mono > 0 else None, lambda_mono=lambda_mono)
+    return add_light_prior(total, terms, parts.sh, light)
 
 
 def history_row(step: int, stage: str, total, terms: dict, mask, out) -> dict:
@@ -220,8 +261,8 @@ def history_row(step: int, stage: str, total, terms: dict, mask, out) -> dict:
 
 def landmark_stage_loss(parts: bfm.Theta, model: bfm.MorphableModel, landmarks: torch.Tensor, *,
                         height: int, width: int, lm_weights: torch.Tensor, lambda_reg: float,
-                        lambda_mono: float):
-    """L_R without its pixel term: lambda_3 L_lm + lambda_4 L_reg (+ L_mono), from the 68
+                        lambda_mono: float, light=None):
+    """L_R without its pixel term: lambda_3 L_lm + lambda_4 L_reg (+ L_mono, L_light), from the 68
     landmark vertices alone, projected as `renderer.render` projects them (nothing rendered).
 
     Returns:
@@ -236,7 +277,28 @@ def landmark_stage_loss(parts: bfm.Theta, model: bfm.MorphableModel, landmarks: 
     if lambda_mono > 0:
         terms["L_mono"] = losses.light_colour_loss(parts.sh)
         total = total + lambda_mono * terms["L_mono"]
-    return total, terms
+    return add_light_prior(total, terms, parts.sh, light)
+
+
+def light_prior(lambda_light: float, dtype=torch.float32, device=None):
+    """(lambda_light, mean (27,), std (27,)) of the light prior L_light, or None when the
+    weight is 0: the lights the synthetic faces are drawn with (`data.light_statistics`)."""
+    if lambda_light == 0:
+        return None
+    import data
+
+    mean, std = data.light_statistics()
+    return lambda_light, mean.to(dtype=dtype, device=device), std.to(dtype=dtype, device=device)
+
+
+def add_light_prior(total, terms: dict, sh: torch.Tensor, light):
+    """total + lambda_light L_light (`losses.light_prior_loss`), with "L_light" in terms;
+    `light` is `light_prior`'s (weight, mean, std), or None: unchanged."""
+    if light is None:
+        return total, terms
+    weight, mean, std = light
+    terms["L_light"] = losses.light_prior_loss(sh, mean, std)
+    return total + weight * terms["L_light"], terms
 
 
 def relaxed_xi(step: int, steps: int, *, xi: float, xi_start: Optional[float]) -> float:

@@ -587,6 +587,31 @@ def segmenter_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Tenso
     return total, terms
 
 
+def light_prior_loss(sh: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Illumination prior L_light (not in the paper; in the spirit of Egger et al. 2018's
+    statistical prior over lights): a Gaussian over the SH coefficients,
+
+        L_light = mean_{c, k} ((phi_ck - mu_ck) / sigma_ck)^2
+
+    With the light's colour held white by L_mono, its brightness and direction are still free,
+    and a fit can darken part of the face (strong light from behind, large second-order terms)
+    to explain a dark occluder. This term keeps the light among the lights the face data is
+    drawn from (`data.light_statistics`). Reduction: mean over the 27 coefficients, mean over
+    the batch, so that 1 is one standard deviation per coefficient.
+
+    Args:
+        sh: (B, 27) phi, 9 coefficients per RGB channel.
+        mean, std: (27,) the prior's mean and standard deviation (std > 0).
+    Returns:
+        Scalar.
+    """
+    _check_tensor("sh", sh, 2)
+    if sh.shape[1] != 27 or mean.shape != (27,) or std.shape != (27,):
+        raise ValueError(f"sh must be (B, 27) and mean, std (27,), got {tuple(sh.shape)}, "
+                         f"{tuple(mean.shape)}, {tuple(std.shape)}")
+    return ((sh - mean) / std).pow(2).mean(dim=1).mean()
+
+
 def autoencoder_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Tensor, *,
                      lm_target: Tensor, lm_pred: Tensor, lm_weights: Tensor,
                      coefficients: Sequence[Tensor],

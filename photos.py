@@ -26,7 +26,8 @@ then runs on the occluded photo. Measured per case:
     python photos.py                      # both photos (the astronaut with scikit-image)
     python photos.py --run runs/cpu       # adds the FOCUS columns from a trained run
 
-Writes results/photos/photos.md, photos.json and photos.png.
+Writes results/photos/photos.md, photos.json, photos.png and photos_summary.png (the
+astronaut, or the last photo, with one draw of each occluder).
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ import time
 from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
+import scipy.stats
 import torch
 
 import bfm
@@ -72,7 +74,7 @@ SEEDS = PHOTO_OCCLUDER_SEEDS  # draws of each occluder
 # robust fitting on these photos (docs/photos.md): a threshold between the paper's 0.17 and the
 # official code's 0.0166, at least half of the face kept while the colour is still off, and
 # Deep3D's white-light prior; the plain fit keeps the paper's loss
-ROBUST = dict(xi=0.04, keep_at_least=0.5, lambda_mono=10.0)
+ROBUST = dict(xi=0.04, keep_at_least=0.5, lambda_mono=10.0, lambda_light=0.1)
 
 
 class PhotoError(RuntimeError):
@@ -135,6 +137,25 @@ def skin_rmse(rendered: torch.Tensor, image: torch.Tensor, skin: torch.Tensor) -
     return 255.0 * (((rendered - image) ** 2 * skin).sum().item() / count) ** 0.5
 
 
+def residual_auc(rendered: torch.Tensor, image: torch.Tensor, occluder: torch.Tensor,
+                 skin: torch.Tensor) -> float:
+    """How well any threshold on the colour residual |I_T - I_R|^2 can tell the occluder from
+    the skin: the chance that a random `occluder` pixel has a larger residual than a random
+    `skin` pixel (ties count half; the area under the ROC curve, via Mann-Whitney ranks).
+    1: some threshold separates them; 0.5 or below: none can, whatever the mask's rule.
+
+    Args:
+        rendered, image: (1, 3, H, W). occluder, skin: (1, 1, H, W) in {0, 1}.
+    """
+    residual = (image - rendered).pow(2).sum(dim=1, keepdim=True)  # (1, 1, H, W)
+    positive, negative = residual[occluder > 0.5], residual[skin > 0.5]
+    if not len(positive) or not len(negative):
+        return float("nan")
+    ranks = scipy.stats.rankdata(torch.cat([positive, negative]).double().numpy())
+    above = ranks[:len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
+    return float(above / (len(positive) * len(negative)))
+
+
 class Case(NamedTuple):
     photo: str
     family: str  # "" for the clean photo
@@ -163,7 +184,9 @@ def score(result, case: Case, clean, clean_image: torch.Tensor) -> Dict[str, flo
     """How the occluder changed a mode's fit, against the same mode on the clean photo
     (`clean`): the outlier IoU (`outlier_iou`, leaving out what `clean` calls outliers: a hat,
     glasses), and the ratio of the RMSE on the skin that stays visible (what `clean` keeps as
-    face, minus the occluder) to that of `clean` on the same pixels.
+    face, minus the occluder) to that of `clean` on the same pixels; and `residual_auc` of
+    the fit between the occluder and that skin, both inside the fit's region (how far a
+    threshold on the colour residual could find this occluder at all).
 
     `result` and `clean` have .rendered (image, region) and .mask, as a `fit.FitResult`."""
     kept = clean.rendered.region * (clean.mask >= 0.5)  # (1, 1, S, S)
@@ -171,15 +194,27 @@ def score(result, case: Case, clean, clean_image: torch.Tensor) -> Dict[str, flo
     rmse = skin_rmse(result.rendered.image, clean_image, skin)
     reference = skin_rmse(clean.rendered.image, clean_image, skin)
     photo_outliers = clean.rendered.region * (clean.mask < 0.5)
+    occluder = case.occluder * kept * result.rendered.region  # the occluder where it is scored
     return {"iou": outlier_iou(result.mask, result.rendered.region, case.occluder,
                                photo_outliers),
-            "skin_rmse": rmse, "skin_ratio": rmse / reference}
+            "skin_rmse": rmse, "skin_ratio": rmse / reference,
+            "residual_auc": residual_auc(result.rendered.image, case.image, occluder,
+                                         skin * result.rendered.region)}
 
 
 def shrink(case: Case, size: int) -> Case:
     """The case at size x size (area average; the occluder where it covers half a pixel)."""
     resize = lambda x: torch.nn.functional.interpolate(x, size=(size, size), mode="area")
     return case._replace(image=resize(case.image), occluder=(resize(case.occluder) >= 0.5).float())
+
+
+def fit_photo(image: torch.Tensor, landmarks: torch.Tensor, model, *, coarse_size: int = 0,
+              coarse_steps: int = 200, **options) -> fit.FitResult:
+    """`fit.fit`, or `fit.coarse_to_fine` when 0 < coarse_size < the image's size."""
+    if 0 < coarse_size < image.shape[-1]:
+        return fit.coarse_to_fine(image, landmarks, model, coarse_size=coarse_size,
+                                  coarse_steps=coarse_steps, **options)
+    return fit.fit(image, landmarks, model, **options)
 
 
 class Network(NamedTuple):
@@ -215,7 +250,7 @@ def run(photos=("hopper", "astronaut"), *, size: int = 224, modes=("plain", "rob
     for photo in photos:
         image, landmarks = aligned_photo(photo, size)
         tic = time.perf_counter()
-        clean = fit.fit(image, landmarks, model, mode="plain", **options)
+        clean = fit_photo(image, landmarks, model, mode="plain", **options)
         print(f"{photo}: clean plain fit {time.perf_counter() - tic:.1f} s", flush=True)
         if networks is not None:
             cfg, autoencoder, segmenter, run_model = networks
@@ -236,9 +271,10 @@ def run(photos=("hopper", "astronaut"), *, size: int = 224, modes=("plain", "rob
                     result = clean
                 else:
                     networked = mode == "segmenter"
-                    result = fit.fit(here.image, here_landmarks, run_model if networked else model,
-                                     mode=mode, segmenter=segmenter if networked else None,
-                                     **options, **(robust if mode == "robust" else {}))
+                    result = fit_photo(here.image, here_landmarks,
+                                       run_model if networked else model, mode=mode,
+                                       segmenter=segmenter if networked else None,
+                                       **options, **(robust if mode == "robust" else {}))
                 seconds = time.perf_counter() - tic
                 references.setdefault(mode, result)  # the clean photo comes first
                 row[mode] = {**score(result, here, references[mode], reference_image),
@@ -247,20 +283,24 @@ def run(photos=("hopper", "astronaut"), *, size: int = 224, modes=("plain", "rob
                                                    result.rendered.region),
                                result.mask, result.rendered.region, here.image)
                 print(f"{photo} {name:12s} {mode:9s} IoU {row[mode]['iou']:.2f} skin ratio "
-                      f"{row[mode]['skin_ratio']:.2f} ({row[mode]['seconds']:.1f} s)", flush=True)
+                      f"{row[mode]['skin_ratio']:.2f} residual AUC "
+                      f"{row[mode]['residual_auc']:.2f} ({row[mode]['seconds']:.1f} s)", flush=True)
             results.setdefault(photo, {})[name] = row
             figure.append((photo, name, shown))
     return {"scores": results, "_figure": figure}
 
 
 def markdown(scores: dict, modes) -> str:
-    """Per photo and case, each mode's outlier IoU and skin ratio, as a markdown table."""
-    lines = ["| photo | case | " + " | ".join(f"{m}: IoU | {m}: skin ratio" for m in modes)
-             + " |", "|---|---" + "|---:" * (2 * len(modes)) + "|"]
+    """Per photo and case, each mode's outlier IoU, skin ratio and residual AUC, as a markdown
+    table."""
+    lines = ["| photo | case | " + " | ".join(f"{m}: IoU | {m}: skin ratio | {m}: residual AUC"
+                                             for m in modes)
+             + " |", "|---|---" + "|---:" * (3 * len(modes)) + "|"]
     for photo, cases in scores.items():
         for name, row in cases.items():
             lines.append(f"| {photo} | {name} | " + " | ".join(
-                f"{row[m]['iou']:.2f} | {row[m]['skin_ratio']:.2f}" for m in modes) + " |")
+                f"{row[m]['iou']:.2f} | {row[m]['skin_ratio']:.2f} | {row[m]['residual_auc']:.2f}"
+                for m in modes) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,6 +315,10 @@ def main(argv=None) -> None:
                              "networks' forward pass, at the run's image size")
     parser.add_argument("--steps", type=int, default=300, help="fitting steps after the landmarks")
     parser.add_argument("--landmark-steps", type=int, default=100, help="landmark-only steps first")
+    parser.add_argument("--coarse-size", type=int, default=0,
+                        help="fit at this size first, then at --size (fit.coarse_to_fine; 0: off)")
+    parser.add_argument("--coarse-steps", type=int, default=200,
+                        help="with --coarse-size: the steps at that size, out of --steps")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=occluders.OCCLUDERS,
                         help="occluder families to paste")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS),
@@ -285,15 +329,18 @@ def main(argv=None) -> None:
     parser.add_argument("--xi-start", type=float, help="robust mode: a stricter first threshold")
     parser.add_argument("--lambda-mono", type=float, default=ROBUST["lambda_mono"],
                         help="robust mode: weight of the white-light prior L_mono (0: off)")
+    parser.add_argument("--lambda-light", type=float, default=ROBUST.get("lambda_light", 0.0),
+                        help="robust mode: weight of the light prior L_light (0: off)")
     parser.add_argument("--keep-at-least", type=float, default=ROBUST["keep_at_least"],
                         help="robust mode: keep at least this share of the face region (0: M_pre)")
     parser.add_argument("--out", default=os.path.join("results", "photos"))
     args = parser.parse_args(argv)
     robust = dict(xi=args.xi, xi_start=args.xi_start, lambda_mono=args.lambda_mono,
-                  keep_at_least=args.keep_at_least)
+                  lambda_light=args.lambda_light, keep_at_least=args.keep_at_least)
     try:
         result = run(tuple(args.photos), size=args.size, modes=tuple(args.modes),
-                     options=dict(steps=args.steps, landmark_steps=args.landmark_steps),
+                     options=dict(steps=args.steps, landmark_steps=args.landmark_steps,
+                                  coarse_size=args.coarse_size, coarse_steps=args.coarse_steps),
                      robust=robust, families=tuple(args.families), seeds=tuple(args.seeds),
                      face_model=args.face_model, run_dir=args.run)
     except PhotoError as error:
@@ -306,8 +353,18 @@ def main(argv=None) -> None:
     with open(os.path.join(args.out, "photos.md"), "w") as f:
         f.write(table)
     figures.figure_photos(os.path.join(args.out, "photos.png"), result["_figure"], modes)
+    figures.figure_photos(os.path.join(args.out, "photos_summary.png"),
+                          summary_rows(result["_figure"], args.seeds[0]), modes)
     print(table)
-    print(f"wrote photos.md, photos.json and photos.png to {args.out}")
+    print(f"wrote photos.md, photos.json, photos.png and photos_summary.png to {args.out}")
+
+
+def summary_rows(shown: list, seed: int) -> list:
+    """The rows of a short figure: the last photo (the astronaut when it ran), clean and with
+    the first draw of each occluder family."""
+    last = shown[-1][0]
+    return [row for row in shown if row[0] == last
+            and (row[1].startswith("clean") or row[1].endswith(f"-{seed}"))]
 
 
 if __name__ == "__main__":

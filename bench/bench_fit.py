@@ -1,7 +1,8 @@
 """Per-image fitting speed: one real photo (Grace Hopper, matplotlib's sample data), aligned to
 SIZE x SIZE, fitted with `fit.fit` (100 landmark steps + 300 steps) in the plain mode and in
-the robust mode with `photos.ROBUST`, and the landmark stage alone (it projects the 68
-landmark vertices and renders nothing).
+the robust mode with `photos.ROBUST`, each also coarse-to-fine (`fit.coarse_to_fine`: 200 of
+the 300 steps at half the size), and the landmark stage alone (it projects the 68 landmark
+vertices and renders nothing).
 
     python bench/bench_fit.py                 # 224 x 224, CPU, torch's default threads
     python bench/bench_fit.py --size 112 --repeats 3
@@ -20,7 +21,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import face_models  # noqa: E402
-import fit  # noqa: E402
 import photos  # noqa: E402
 from timing import timed  # noqa: E402
 
@@ -42,8 +42,12 @@ def main(argv=None):
         "landmark stage only (100 steps)": dict(mode="plain", steps=0),
         "plain (100 + 300 steps)": dict(mode="plain"),
         "robust, photos.ROBUST (100 + 300 steps)": dict(mode="robust", **photos.ROBUST),
+        f"plain, coarse-to-fine ({args.size // 2} px for 200 of the 300 steps)":
+            dict(mode="plain", coarse_size=args.size // 2),
+        f"robust, photos.ROBUST, coarse-to-fine ({args.size // 2} px for 200 of the 300 steps)":
+            dict(mode="robust", coarse_size=args.size // 2, **photos.ROBUST),
     }
-    seconds = {name: timed(lambda: fit.fit(image, landmarks, model, **options), device,
+    seconds = {name: timed(lambda: photos.fit_photo(image, landmarks, model, **options), device,
                            args.repeats) for name, options in cases.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(f"\nfit.fit on one {args.size} x {args.size} photo, device {device} "

@@ -875,3 +875,16 @@ def test_prepare_detects_aligns_and_writes_the_csv(tmp_path):
     five = bfm.five_points(sample["landmarks"].numpy())
     template = data.DEEP3D_LM3D[:, :2] * np.array([1.0, -1.0]) * data.DEEP3D_RESCALE + 111.5
     assert np.abs(five - template).max() < 15  # eyes, nose and mouth where Deep3D puts them
+
+
+def test_light_statistics_are_those_of_the_sampled_lights():
+    """The light prior's mean and std: fixed by their seed, and equal to the statistics of the
+    same sample_theta draws taken one by one (a slow twin)."""
+    mean, std = data.light_statistics(count=64, seed=3)
+    again = data.light_statistics.__wrapped__(count=64, seed=3)  # computed afresh, not cached
+    assert torch.equal(mean, again[0]) and torch.equal(std, again[1])
+    rng = np.random.default_rng(3)
+    lights = torch.stack([bfm.split_theta(data.sample_theta(rng, data.Ranges())[None]).sh[0]
+                          for _ in range(64)])  # (64, 27)
+    assert torch.allclose(mean, lights.mean(0)) and torch.allclose(std, lights.std(0))
+    assert mean.shape == std.shape == (27,) and (std > 0).all()

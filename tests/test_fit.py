@@ -54,6 +54,36 @@ def test_fit_recovers_pose_and_lowers_the_image_error(scene):
     assert result.theta.shape == (1, 257) and result.mask.shape == (1, 1, SIZE, SIZE)
 
 
+def test_init_starts_from_a_given_theta(scene):
+    """With no steps, a fit started from theta renders theta (the start is not the mean face)."""
+    model, theta, out, image, _, _ = scene
+    result = fit.fit(image, out.landmarks, model, steps=0, landmark_steps=0, init=theta)
+    assert torch.allclose(result.theta, theta, atol=1e-5)
+    assert torch.allclose(result.rendered.image, out.image, atol=1e-5)
+
+
+def test_coarse_to_fine_fits_at_two_sizes_from_one_theta(scene):
+    """theta does not depend on the image size: a landmark fit at half size projects the
+    full-size landmarks; the fine stage continues from the coarse theta."""
+    model, theta, out, image, _, _ = scene
+    coarse = fit.coarse_to_fine(image, out.landmarks, model, coarse_size=SIZE // 2, steps=0,
+                                coarse_steps=0, landmark_steps=150)
+    assert coarse.rendered.image.shape[-1] == SIZE  # the result is at full size
+    error = (coarse.rendered.landmarks - out.landmarks).norm(dim=-1).mean()
+    assert error < 1.5, f"landmark error {error:.2f} px at {SIZE} px"
+    result = fit.coarse_to_fine(image, out.landmarks, model, coarse_size=SIZE // 2, steps=60,
+                                coarse_steps=40, landmark_steps=100)
+    again = fit.coarse_to_fine(image, out.landmarks, model, coarse_size=SIZE // 2, steps=60,
+                               coarse_steps=40, landmark_steps=100)
+    assert torch.equal(result.theta, again.theta)  # deterministic
+    stages = [row["stage"] for row in result.history]
+    assert stages == ["coarse landmarks"] * 100 + ["coarse plain"] * 40 + ["plain"] * 20
+    assert [row["step"] for row in result.history] == list(range(160))
+    assert visible_error(result, image, out.region) < visible_error(coarse, image, out.region)
+    with pytest.raises(ValueError, match="coarse_size"):
+        fit.coarse_to_fine(image, out.landmarks, model, coarse_size=2 * SIZE)
+
+
 def test_robust_mode_masks_the_occluder_out(scene):
     model, _, out, image, occluder, occluded = scene
     robust = fit.fit(occluded, out.landmarks, model, mode="robust", steps=150, landmark_steps=100)

@@ -388,6 +388,36 @@ def test_light_colour_hand_example_and_layout():
     assert losses.light_colour_loss(sh).dtype == torch.float32
 
 # ----------------------------------------------------------------------------------------------
+# L_light
+# ----------------------------------------------------------------------------------------------
+
+@given(seed=seeds, B=st.integers(1, 4))
+def test_light_prior_is_zero_at_the_mean_and_counts_standard_deviations(seed, B):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(27, generator=g, dtype=DOUBLE)
+    std = 0.1 + torch.rand(27, generator=g, dtype=DOUBLE)
+    at_mean = mean.expand(B, 27)
+    assert losses.light_prior_loss(at_mean, mean, std).item() == 0.0
+    # k standard deviations off in every coefficient: k^2, whatever each std is
+    for k in (1.0, 2.5):
+        value = losses.light_prior_loss(at_mean + k * std, mean, std)
+        assert value.item() == pytest.approx(k ** 2, rel=1e-12)
+    # one coefficient 3 std off in one image of B: 9 / 27 / B
+    off = at_mean.clone()
+    off[0, 5] += 3 * std[5]
+    assert losses.light_prior_loss(off, mean, std).item() == pytest.approx(9 / 27 / B, rel=1e-12)
+
+
+def test_light_prior_gradcheck_and_bad_input():
+    g = torch.Generator().manual_seed(2)
+    sh, mean = torch.randn(2, 2, 27, generator=g, dtype=DOUBLE)
+    std = 0.5 + torch.rand(27, generator=g, dtype=DOUBLE)
+    assert torch.autograd.gradcheck(lambda s: losses.light_prior_loss(s, mean[0], std), (leaf(sh),))
+    with pytest.raises(ValueError, match="27"):
+        losses.light_prior_loss(sh[:, :9], mean[0], std)
+
+
+# ----------------------------------------------------------------------------------------------
 # float64 gradcheck of every loss (random inputs: no min ties, no |M - 0.5| = 0)
 # ----------------------------------------------------------------------------------------------
 

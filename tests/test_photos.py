@@ -50,6 +50,24 @@ def test_skin_rmse_by_hand():
     assert np.isnan(photos.skin_rmse(rendered, image, torch.zeros_like(skin)))
 
 
+def test_residual_auc_matches_counting_every_pair():
+    """The rank formula against its slow twin: the share of (occluder, skin) pixel pairs in
+    which the occluder's residual is larger, ties counting half."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 6, 6, generator=generator)
+    rendered = image + (torch.rand(1, 3, 6, 6, generator=generator) < 0.5) * 0.2  # many ties
+    occluder = (torch.rand(1, 1, 6, 6, generator=generator) < 0.4).float()
+    skin = 1 - occluder
+    residual = (image - rendered).pow(2).sum(dim=1, keepdim=True)
+    pairs = residual[occluder > 0.5][:, None] - residual[skin > 0.5][None, :]
+    slow = ((pairs > 0).double() + 0.5 * (pairs == 0).double()).mean().item()
+    assert photos.residual_auc(rendered, image, occluder, skin) == pytest.approx(slow)
+    # an occluder the render misses everywhere while it fits the skin: 1; the reverse: 0
+    assert photos.residual_auc(image + 0.3 * occluder, image, occluder, skin) == 1.0
+    assert photos.residual_auc(image + 0.3 * skin, image, occluder, skin) == 0.0
+    assert np.isnan(photos.residual_auc(rendered, image, torch.zeros_like(skin), skin))
+
+
 @pytest.fixture(scope="module")
 def hopper():
     try:
