@@ -11,7 +11,8 @@ term (Eq. 5):
 - `plain`: M = 1 on every rendered pixel, so occluders drag the fit (MoFA's failure, Fig. 3);
 - `robust`: M = M_pre of Eq. 9-10, re-estimated from the current fit every `mask_every`
   steps: per-image EM in the spirit of Egger et al. 2018, which FOCUS learns to amortise
-  (optionally strict at first, `xi_start`, and with a white-light prior, `lambda_mono`);
+  (optionally strict at first, `xi_start`, with a white-light prior, `lambda_mono`, and a
+  prior over the light's brightness and direction, `lambda_light`);
 - `segmenter`: M = S(I_R, I_T) from a trained FOCUS segmenter, re-estimated the same way.
 
 Conventions: images (B, 3, H, W) in [0, 1]; landmarks (B, 68, 2) pixel coordinates (x right,
@@ -23,7 +24,9 @@ Deviations from the paper: none in substance; the paper trains networks and does
 per image. lambda_4 (L_reg) defaults to 0.01 instead of 0.1: the paper's 0.1 trains a network
 over many images, and one image fitted with it stays near the mean face (the image error falls
 4.7x instead of 7x on tests/test_fit.py's face). The robust mode's EM alternates a threshold
-mask with fitting, not Egger et al.'s full likelihood models (face, beard, background).
+mask with fitting, not Egger et al.'s full likelihood models (face, beard, background); its
+light prior L_light is a Gaussian over the lights the synthetic faces are drawn with, not their
+prior learnt from real photos. `coarse_to_fine` fits at a smaller size first.
 
 Run `python fit.py 3 --mode robust` to fit held-out synthetic sample 3, or
 `python fit.py photo.jpg --landmarks landmarks.csv --mode robust` to fit an image file with its
@@ -422,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight of L_reg (lambda_4; the paper trains networks with 0.1)")
     parser.add_argument("--lambda-mono", type=float, default=0.0,
                         help="weight of the white-light prior L_mono (Deep3D's; 0: off)")
+    parser.add_argument("--lambda-light", type=float, default=0.0,
+                        help="weight of the light prior L_light (the synthetic faces' lights; "
+                             "0: off)")
     parser.add_argument("--keep-at-least", type=float, default=0.0,
                         help="robust mode: keep at least this share of the face region (its "
                              "best-fitting pixels) whatever --xi says")
@@ -476,12 +482,14 @@ def main(argv=None) -> FitResult:
         model = face_models.load_face_model(args.face_model)  # after the file checks: slow
     if args.steps < 0 or args.landmark_steps < 0 or args.mask_every < 1 or args.size < 16:
         parser.error("--steps and --landmark-steps must be >= 0, --mask-every >= 1, --size >= 16")
-    if args.lambda_mono < 0 or args.xi <= 0 or (args.xi_start is not None and args.xi_start <= 0):
-        parser.error("--lambda-mono must be >= 0, --xi and --xi-start > 0")
+    if min(args.lambda_mono, args.lambda_light) < 0 or args.xi <= 0 or (
+            args.xi_start is not None and args.xi_start <= 0):
+        parser.error("--lambda-mono and --lambda-light must be >= 0, --xi and --xi-start > 0")
     result = fit(image, landmarks, model, mode=args.mode, steps=args.steps,
                  landmark_steps=args.landmark_steps, segmenter=segmenter, xi=args.xi,
                  mask_every=args.mask_every, lambda_reg=args.lambda_reg,
-                 lambda_mono=args.lambda_mono, xi_start=args.xi_start,
+                 lambda_mono=args.lambda_mono, lambda_light=args.lambda_light,
+                 xi_start=args.xi_start,
                  keep_at_least=args.keep_at_least,
                  snapshot_every=max(1, (args.steps + args.landmark_steps) // 8),
                  callback=lambda row: print(

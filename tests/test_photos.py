@@ -1,6 +1,7 @@
 """photos.py: the outlier IoU and skin RMSE on hand-drawn masks, occluders pasted on a real
 photo (Grace Hopper, shipped with matplotlib), robust fitting on it, and bad input."""
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -150,6 +151,44 @@ def test_lambda_mono_keeps_the_fitted_light_white():
     assert tints[10.0] < 0.5 * tints[0.0]
     with pytest.raises(ValueError, match="lambda_mono"):
         fit.fit(image, sample["landmarks"], model, lambda_mono=-1.0)
+
+
+def test_lambda_light_keeps_the_fitted_light_among_the_prior_lights():
+    """A face with its lower half in deep shadow (a dark cloth): the plain fit bends its light
+    to darken the chin; with L_light the light stays nearer the prior's lights."""
+    model = face_models.load_face_model("toy,resolution=24")
+    faces = data.SyntheticFaces(face_model=model, size=48, length=1, seed=5, subset="unoccluded",
+                                unexplainable=0.0)
+    sample = faces.batch([0])
+    image = sample["image"].clone()
+    image[..., 30:, :] *= 0.15  # the lower face almost black
+    mean, std = data.light_statistics()
+    off = {}
+    for weight in (0.0, 1.0):
+        result = fit.fit(image, sample["landmarks"], model, mode="plain", steps=40,
+                         landmark_steps=20, lambda_light=weight)
+        off[weight] = float(losses.light_prior_loss(bfm.split_theta(result.theta).sh, mean, std))
+        assert ("L_light" in result.history[-1]) == (weight > 0)
+    assert off[1.0] < 0.5 * off[0.0], off
+    with pytest.raises(ValueError, match="lambda_light"):
+        fit.fit(image, sample["landmarks"], model, lambda_light=-1.0)
+
+
+def test_command_line_writes_the_table_the_json_and_both_figures(tmp_path):
+    try:
+        photos.load_photo("hopper")
+    except photos.PhotoError as error:
+        pytest.skip(str(error))
+    photos.main(["--photos", "hopper", "--size", "32", "--steps", "2", "--landmark-steps", "1",
+                 "--families", "scarf", "--seeds", "0", "--face-model", "toy,resolution=24",
+                 "--out", str(tmp_path)])
+    for name in ("photos.md", "photos.json", "photos.png", "photos_summary.png"):
+        assert (tmp_path / name).exists(), name
+    table = (tmp_path / "photos.md").read_text()
+    assert "robust: residual AUC" in table and "| hopper | scarf-0 |" in table
+    scores = json.loads((tmp_path / "photos.json").read_text())
+    assert set(scores["hopper"]) == {"clean-0", "scarf-0"}
+    assert set(scores["hopper"]["scarf-0"]["robust"]) >= {"iou", "skin_ratio", "residual_auc"}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("skimage") is not None,
