@@ -72,8 +72,10 @@ LANDMARKS = {
 FAMILIES = ("scarf", "sunglasses", "hand")  # occluders pasted on every photo
 SEEDS = PHOTO_OCCLUDER_SEEDS  # draws of each occluder
 # robust fitting on these photos (docs/photos.md): a threshold between the paper's 0.17 and the
-# official code's 0.0166, at least half of the face kept while the colour is still off, and
-# Deep3D's white-light prior; the plain fit keeps the paper's loss
+# official code's 0.0166, at least half of the face kept while the colour is still off,
+# Deep3D's white-light prior, and a prior over the light's brightness and direction (the
+# synthetic faces' lights), so that no light darkens the face under a dark occluder; the plain
+# fit keeps the paper's loss
 ROBUST = dict(xi=0.04, keep_at_least=0.5, lambda_mono=10.0, lambda_light=0.1)
 
 
