@@ -83,35 +83,29 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
         mode: str = "plain", steps: int = 300, landmark_steps: int = 100, lr: float = 0.03,
         mask_every: int = 10, xi: float = 0.17, xi_start: Optional[float] = None,
         keep_at_least: float = 0.0, lambda_reg: float = 0.01, lambda_mono: float = 0.0,
-        lambda_light: float = 0.0, segmenter: Optional[torch.nn.Module] = None, features: Optional[Callable] = None,
-        init: Optional[torch.Tensor] = None, snapshot_every: int = 0,
-        callback: Optional[Callable[[dict], None]] = None) -> FitResult:
+        lambda_light: float = 0.0, segmenter: Optional[torch.nn.Module] = None,
+        features: Optional[Callable] = None, init: Optional[torch.Tensor] = None,
+        snapshot_every: int = 0, callback: Optional[Callable[[dict], None]] = None) -> FitResult:
     """Fit theta to images by gradient descent on L_R (Eq. 8) through the renderer.
 
     Args:
-        image, landmarks: I_T (B, 3, H, W) in [0, 1] and lm_T (B, 68, 2) pixel coordinates.
-        model: the face model.
+        image, landmarks, model: I_T (B, 3, H, W) in [0, 1], lm_T (B, 68, 2) pixel
+            coordinates, and the face model.
         mode: "plain", "robust" or "segmenter" (module docstring).
         steps: Adam steps on the full loss, after `landmark_steps` steps on landmarks and
             regularisation only (pose, identity and expression from the 68 points).
-        lr: Adam learning rate on theta / `theta_step`.
-        mask_every: re-estimate the mask every this many steps (robust, segmenter).
-        xi, xi_start, keep_at_least: the robust mode's mask: M_pre's threshold (Eq. 10), a
-            stricter first threshold (`relaxed_xi`) and the share of the face kept at least
-            (`estimate_mask`).
-        lambda_reg: weight of L_reg (lambda_4 of Eq. 8; 0.01, not the paper's 0.1: see the
-            module docstring).
-        lambda_mono: weight of the white-light prior L_mono (`losses.light_colour_loss`,
-            Deep3D's), which keeps a tinted light from explaining a coloured occluder.
-        lambda_light: weight of the light prior L_light (`losses.light_prior_loss` with the
-            synthetic faces' lights, `data.light_statistics`), which keeps the light's
-            brightness and direction from darkening the face under a dark occluder.
+        lr, mask_every: Adam's learning rate on theta / `theta_step`; re-estimate the mask
+            every this many steps (robust, segmenter).
+        xi, xi_start, keep_at_least: the robust mask's threshold (Eq. 10), its stricter first
+            value (`relaxed_xi`), and the least share of the face it keeps (`estimate_mask`).
+        lambda_reg: weight of L_reg (lambda_4; 0.01, not the paper's 0.1: module docstring).
+        lambda_mono, lambda_light: weights of the white-light prior L_mono (Deep3D's: no tinted
+            light explains a coloured occluder) and of the light prior L_light (`light_prior`:
+            no light darkens the face under a dark occluder).
         segmenter: a trained UNet, forward(rendered, target) -> (B, 1, H, W); segmenter mode.
         features: F as a callable images -> features (adds L_per), or None.
-        init: theta (B, 257) to start from (e.g. a fit at a smaller size, `coarse_to_fine`);
-            None: the mean face, facing the camera.
-        snapshot_every: keep a render every this many steps for a progress strip (0: none).
-        callback: called with each step's history row (e.g. to print progress).
+        init: theta (B, 257) to start from (`coarse_to_fine`); None: the mean face, facing us.
+        snapshot_every, callback: keep a render every this many steps (0: none); f(history row).
     """
     _check_fit(image, landmarks, mode=mode, segmenter=segmenter, steps=steps,
                landmark_steps=landmark_steps, mask_every=mask_every, xi=xi, xi_start=xi_start,
@@ -121,10 +115,8 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
                                       xi_start=xi_start, keep_at_least=keep_at_least,
                                       segmenter=segmenter)
     step_scale = theta_step(image.dtype, image.device)  # (257,)
-    if init is None:
-        init = torch.zeros(image.shape[0], step_scale.numel(), dtype=image.dtype,
-                           device=image.device)
-    free = (init.to(image) / step_scale).detach().requires_grad_(True)  # (B, 257)
+    start = torch.zeros(image.shape[0], step_scale.numel()) if init is None else init
+    free = (start.to(image) / step_scale).detach().requires_grad_(True)  # (B, 257)
     optimizer = torch.optim.Adam([free], lr=lr)
     weights = dict(lm_weights=losses.landmark_weights(dtype=image.dtype, device=image.device),
                    lambda_reg=lambda_reg, lambda_mono=lambda_mono,
@@ -136,20 +128,24 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
             step - landmark_steps, theta, mask, optimizer, image=image, landmarks=landmarks,
             model=model, mode=mode, mask_every=mask_every, draw=draw, e_step=e_step,
             features=features, weights=weights)
-        history.append(history_row(step, "landmarks" if out is None else mode, total, terms,
-                                   mask, out))
+        stage = "landmarks" if out is None else mode
+        history.append(history_row(step, stage, total, terms, mask, out))
         if callback is not None:
             callback(history[-1])
         if snapshot_every and step % snapshot_every == 0:
-            with torch.no_grad():
-                shown = draw(theta) if out is None else out
-                snapshots.append((step, figures.render_over(image, shown.image,
-                                                            shown.region).detach()))
-    with torch.no_grad():
-        theta = free * step_scale
+            snapshots.append((step, snapshot(image, draw, theta, out)))
+    theta = (free * step_scale).detach()
+    with torch.no_grad():  # the final render and mask
         out = draw(theta)
         mask = e_step(None, out) if mode != "plain" else mask
-    return FitResult(theta.detach(), out, mask * out.region, history, snapshots)
+    return FitResult(theta, out, mask * out.region, history, snapshots)
+
+
+@torch.no_grad()
+def snapshot(image: torch.Tensor, draw, theta: torch.Tensor, out) -> torch.Tensor:
+    """(B, 3, H, W) the render `out` (None: draw(theta)) over the image, for a progress strip."""
+    shown = draw(theta) if out is None else out
+    return figures.render_over(image, shown.image, shown.region).detach()
 
 
 def coarse_to_fine(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel, *,
