@@ -218,8 +218,8 @@ def light_statistics(count: int = 4096, seed: int = LIGHT_PRIOR_SEED):
     draws of `sample_theta` with the default `Ranges`: the light prior of
     `losses.light_prior_loss` (fixed seed, so the same numbers on every machine)."""
     rng = np.random.default_rng(seed)
-    start = sum(size for name, size in bfm.THETA_SIZES.items() if name in ("id", "exp", "albedo"))
-    sh = torch.stack([sample_theta(rng, Ranges())[start:start + 27] for _ in range(count)])
+    thetas = torch.stack([sample_theta(rng, Ranges()) for _ in range(count)])  # (count, 257)
+    sh = bfm.split_theta(thetas).sh  # (count, 27)
     return sh.mean(0), sh.std(0)
 
 

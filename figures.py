@@ -85,7 +85,7 @@ def outliers_in_red(images: torch.Tensor, mask: torch.Tensor,
                     region: torch.Tensor) -> torch.Tensor:
     """Pixels of the rendered region the (rounded) mask rejects, tinted red: (B, 3, H, W)."""
     outlier = region * (mask < 0.5).to(images.dtype)  # (B, 1, H, W)
-    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    red = torch.tensor([1.0, 0.0, 0.0], dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return images * (1 - 0.6 * outlier) + 0.6 * outlier * red
 
 
@@ -95,7 +95,7 @@ def save_fit_figure(path: str, images: torch.Tensor, recon) -> None:
     """Fig. 1 style: target | reconstruction over the target | mask | outliers tinted red
     (`recon` a `focus.Reconstruction`); PNG enlarged twice."""
     region = (recon.image.sum(dim=1, keepdim=True) > 0).float()  # (B, 1, H, W)
-    overlay = images * (1 - region) + recon.image * region  # (B, 3, H, W)
+    overlay = render_over(images, recon.image, region)  # (B, 3, H, W)
     mask = recon.mask.expand(-1, 3, -1, -1)  # (B, 3, H, W)
     red = torch.tensor([1.0, 0.0, 0.0], device=images.device).view(1, 3, 1, 1)
     # pixels of the rendered region the mask rejects, tinted red

@@ -220,7 +220,7 @@ def fit_step(k: int, theta: torch.Tensor, mask: torch.Tensor, optimizer, *, imag
 
 
 def _check_fit(image, landmarks, *, mode, segmenter, steps, landmark_steps, mask_every, xi,
-               xi_start, keep_at_least, lambda_mono, lambda_light=0.0) -> None:
+               xi_start, keep_at_least, lambda_mono, lambda_light) -> None:
     """Raise ValueError naming the first argument of `fit` that cannot work."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
