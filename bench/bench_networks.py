@@ -15,7 +15,6 @@ Prints a markdown table and writes JSON to bench/results/networks_<device>.json.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -32,7 +31,7 @@ import losses  # noqa: E402
 import perceptual  # noqa: E402
 import renderer  # noqa: E402
 from bfm import join_theta  # noqa: E402
-from timing import synchronize  # noqa: E402
+from timing import device_name, peak_memory_mib, reset_peak_memory, synchronize  # noqa: E402
 
 
 def timed_step(net, forward, loss, device, repeats, warmup):
@@ -135,10 +134,9 @@ def bench(name, builder, width, batch, size, device, repeats, warmup):
     net, forward, loss = builder(width, batch, size, device)
     net.train()
     params = sum(p.numel() for p in net.parameters())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     t_forward, t_backward, t_total = timed_step(net, forward, loss, device, repeats, warmup)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    peak = peak_memory_mib(device)
     return {
         "network": name, "width": width, "parameters": params, "batch": batch, "size": size,
         "forward_ms": 1e3 * t_forward / batch,
@@ -168,8 +166,7 @@ def main(argv=None):
             for k, width in enumerate(args.widths) for name, builder, widened in NETWORKS
             if widened or k == 0]
 
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    machine = device_name(device)
     print(f"networks forward + backward at {args.size} x {args.size}, batch {args.batch}, "
           f"training mode, on {machine} (torch {torch.__version__})")
     print("| network | width | parameters | forward ms/img | backward ms/img | total ms/img "

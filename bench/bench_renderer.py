@@ -14,7 +14,6 @@ Prints a markdown table and writes JSON to bench/results/renderer_<device>.json.
 import argparse
 import json
 import os
-import platform
 import sys
 
 import torch
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import face_models  # noqa: E402
 import renderer  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import device_name, peak_memory_mib, reset_peak_memory, timed  # noqa: E402
 
 
 
@@ -63,10 +62,9 @@ def bench_mesh(name, model, batch, device, repeats, size=224):
     def forward():
         return renderer.render(*leaves, tris, lms, height=size, width=size, adjacency=adjacency)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     t_full = timed(full, device, repeats)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    peak = peak_memory_mib(device)
     t_raster = timed(raster, device, repeats)
     t_forward = timed(forward, device, repeats)
     coverage = float((face_id >= 0).float().mean())
@@ -113,8 +111,7 @@ def main(argv=None):
             for name, model in meshes for batch in args.batch]
     resnet_ms = bench_resnet(device, args.resnet_batch, max(2, args.repeats // 2))
 
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    machine = device_name(device)
     print(f"renderer forward + backward at 224 x 224 on {machine} (torch {torch.__version__})")
     print("| mesh | triangles | batch | raster ms | interp+shade ms | backward ms | total ms/img | img/s | x ResNet-50 | peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")

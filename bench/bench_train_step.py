@@ -144,6 +144,28 @@ def bench_phase(phase, cfg, nets, batch_fn, F, device, repeats, warmup):
     return {part: statistics.median(r[part] for r in runs) for part in PARTS}
 
 
+def setup(cfg):
+    """(nets, batch_fn, F) of `bench_phase` at `cfg`: R and S with their optimisers, a source
+    of training batches on cfg.device, and F (None without one)."""
+    device = torch.device(cfg.device)
+    face_model = face_models.load_face_model(cfg.face_model).to(device)
+    autoencoder, segmenter = runs.build_models(cfg, face_model)
+    F = perceptual.load_perceptual(cfg.perceptual, device=device)
+    # the dataset renders with its own CPU copy of the face model (data.SyntheticFaces)
+    dataset = train.make_dataset(cfg, face_model, seed=cfg.seed)
+    step = iter(range(10 ** 9))
+
+    def batch_fn():
+        indices = train.batch_indices(next(step), cfg, len(dataset), salt=1)
+        return train.load_batch(dataset, indices, device)
+
+    ae_opt, _ = train.make_optimizer(autoencoder.encoder.parameters(), cfg.lr, cfg)
+    seg_opt, _ = train.make_optimizer(segmenter.parameters(), cfg.lr * cfg.seg_lr_factor, cfg)
+    nets = ((autoencoder, segmenter, ae_opt),
+            (autoencoder, segmenter, seg_opt))
+    return nets, batch_fn, F
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu", choices=sorted(config.PRESETS))
@@ -163,21 +185,7 @@ def main(argv=None):
         overrides["batch_size"] = args.batch
     cfg = config.make_config(args.preset, **overrides)
     device = torch.device(cfg.device)
-    face_model = face_models.load_face_model(cfg.face_model).to(device)
-    autoencoder, segmenter = runs.build_models(cfg, face_model)
-    F = perceptual.load_perceptual(cfg.perceptual, device=device)
-    dataset = train.make_dataset(cfg, face_model.cpu() if device.type != "cpu" else face_model,
-                                 seed=cfg.seed)
-    step = iter(range(10 ** 9))
-
-    def batch_fn():
-        indices = train.batch_indices(next(step), cfg, len(dataset), salt=1)
-        return train.load_batch(dataset, indices, device)
-
-    ae_opt, _ = train.make_optimizer(autoencoder.encoder.parameters(), cfg.lr, cfg)
-    seg_opt, _ = train.make_optimizer(segmenter.parameters(), cfg.lr * cfg.seg_lr_factor, cfg)
-    nets = ((autoencoder, segmenter, ae_opt),
-            (autoencoder, segmenter, seg_opt))
+    nets, batch_fn, F = setup(cfg)
     results = {}
     for phase in ("init autoencoder", "em segmenter", "em autoencoder"):
         results[phase] = bench_phase(phase, cfg, nets, batch_fn, F, device, args.repeats,

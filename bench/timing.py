@@ -1,4 +1,6 @@
-"""Timing helpers shared by the benchmarks in bench/."""
+"""Timing helpers shared by the benchmarks in bench/: synchronised wall times, the device's
+name and its peak memory."""
+import platform
 import time
 
 import numpy as np
@@ -22,3 +24,23 @@ def timed(fn, device: torch.device, repeats: int) -> float:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak of `peak_memory_mib` (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch since `reset_peak_memory`, MiB (NaN on CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return float("nan")
