@@ -1,6 +1,6 @@
 """GPU check: whether the CUDA path works, and how fast it is, in one command.
 
-The renderer, the networks and the losses take their device from their inputs (DESIGN: never
+The renderer, the networks and the losses take their device from their inputs (nothing calls
 `.cuda()`), and the `paper` preset is meant for a GPU; this script checks that path on one
 CUDA device and prints a markdown report (also written to `--out`):
 
@@ -34,7 +34,7 @@ a GPU is at hand.
 
     python bench/gpu_check.py                       # the first CUDA device, a few minutes
     python bench/gpu_check.py --device cuda:1 --out gpu.md
-    python bench/gpu_check.py --cpu-dry-run         # any machine, about 20 s
+    python bench/gpu_check.py --cpu-dry-run         # any machine, about 12 s
 Writes bench/results/gpu_check_<cuda|cpu-dry-run>.md unless `--out`; exits with 1 when a
 CUDA test fails or an output disagrees. Test: `python -m pytest -q tests/test_gpu_check.py`.
 """
@@ -44,6 +44,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import math
 import os
 import subprocess
 import sys
@@ -90,7 +91,8 @@ class Sizes:
     smoke: dict  # config overrides that shorten the smoke run
 
 
-# the paper preset shortened to 400 steps: init 200 + 40, em 2 rounds of 60 + 40
+# the paper preset shortened to 400 steps: init 200 autoencoder + 40 segmenter steps,
+# em 2 rounds of 20 segmenter + 60 autoencoder steps
 SMOKE_STEPS = dict(init_ae_steps=200, init_seg_steps=40, em_steps=160, em_cycle=80,
                    em_ae_steps=60, train_length=600, log_every=20, checkpoint_every=400,
                    figure_every=400)
@@ -387,57 +389,79 @@ def versions(device: torch.device) -> str:
     return f"{device_name(device)} | {torch.__version__} | {torch.version.cuda or 'none'}"
 
 
-def report(results: dict) -> str:
-    """The markdown report of `run_checks`' results."""
+def header(results: dict) -> list:
+    """Title, date, device and versions, and the verdict."""
     tests, rows = results["tests"], results["agreement"]
-    disagree = [r["output"] for r in rows if not r["agrees"]]
-    lines = [f"# GPU check: {results['title']}", "",
-             f"{results['date']}, {results['device_name']}, torch {torch.__version__}, "
-             f"CUDA {torch.version.cuda or 'none (CPU build)'}; "
-             f"compared: {results['device']} against {results['reference']}; "
-             f"{results['seconds']:.0f} s in all.", "",
-             f"**{'PASS' if results['passed'] else 'FAIL'}**: CUDA tests {tests['passed']} "
-             f"passed, {tests['failed']} failed, {tests['skipped']} skipped; "
-             f"{len(rows) - len(disagree)} of {len(rows)} outputs agree.", "",
-             "## CUDA tests", "",
+    agree = sum(r["agrees"] for r in rows)
+    return [f"# GPU check: {results['title']}", "",
+            f"{results['date']}, {results['device_name']}, torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda or 'none (CPU build)'}; "
+            f"compared: {results['device']} against {results['reference']}; "
+            f"{results['seconds']:.0f} s in all.", "",
+            f"**{'PASS' if results['passed'] else 'FAIL'}**: CUDA tests {tests['passed']} "
+            f"passed, {tests['failed']} failed, {tests['skipped']} skipped; "
+            f"{agree} of {len(rows)} outputs agree."]
+
+
+def tests_section(tests: dict) -> list:
+    """The CUDA tests' counts, and each failed test by name."""
+    return (["## CUDA tests", "",
              f"`{tests['command']}`: {tests['passed']} passed, {tests['failed']} failed, "
              f"{tests['skipped']} skipped ({tests['seconds']:.0f} s)."]
-    lines += [f"- failed: {name}" for name in tests["failed_names"]]
-    lines += ["", f"## {results['reference']} / {results['device']} agreement", "",
-              f"float32, batch {results['sizes'].compare_batch}, "
-              f"{results['sizes'].image_size} x {results['sizes'].image_size}; an output agrees "
-              f"when its largest difference is at most {TOLERANCE:g} x max(1, largest "
-              f"|{results['reference']} value|); face ids and region: at most "
-              f"{FACE_ID_TOLERANCE:g} of the pixels differ.", "",
-              "| output | largest difference | largest value | agrees |", "|---|---|---|---|"]
-    lines += [f"| {r['output']} | {r['difference']:.3g} | "
-              f"{'-' if r['scale'] is None else format(r['scale'], '.3g')} | "
-              f"{'yes' if r['agrees'] else 'NO'} |" for r in rows]
-    lines += ["", "## Throughput", "",
-              "| measurement | device | torch | CUDA | batch | size | rate | peak GPU MiB |",
-              "|---|---|---|---|---|---|---|---|"]
+            + [f"- failed: {name}" for name in tests["failed_names"]])
+
+
+def agreement_section(results: dict) -> list:
+    """The agreement rule and one table row per output."""
+    reference, sizes = results["reference"], results["sizes"]
+    lines = [f"## {reference} / {results['device']} agreement", "",
+             f"float32, batch {sizes.compare_batch}, {sizes.image_size} x {sizes.image_size}; "
+             f"an output agrees when its largest difference is at most {TOLERANCE:g} x max(1, "
+             f"largest |{reference} value|); face ids and region: at most "
+             f"{FACE_ID_TOLERANCE:g} of the pixels differ.", "",
+             "| output | largest difference | largest value | agrees |", "|---|---|---|---|"]
+    return lines + [f"| {r['output']} | {r['difference']:.3g} | "
+                    f"{'-' if r['scale'] is None else format(r['scale'], '.3g')} | "
+                    f"{'yes' if r['agrees'] else 'NO'} |" for r in results["agreement"]]
+
+
+def throughput_section(results: dict) -> list:
+    """One table row per measurement, and the renderer against its target."""
+    lines = ["## Throughput", "",
+             "| measurement | device | torch | CUDA | batch | size | rate | peak GPU MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['what']} | {versions(results['device'])} | {r['batch']} | "
-              f"{r['size']} x {r['size']} | {r['rate']:,.1f} {r['unit']} | {r['peak_mib']:.0f} |"
+              f"{r['size']} x {r['size']} | {r['rate']:,.1f} {r['unit']} | "
+              f"{'-' if math.isnan(r['peak_mib']) else format(r['peak_mib'], ',.0f')} |"
               for r in results["throughput"]]
-    render_rate = results["throughput"][0]["rate"]
+    rate = results["throughput"][0]["rate"]
     verdict = ("not measured: other sizes" if results["sizes"] != GPU
-               else f"{'met' if render_rate >= RENDER_TARGET else 'NOT met'}: {render_rate:,.0f}")
-    lines += ["", f"Renderer target: {RENDER_TARGET:,} images/s at 224 x 224 on 35k vertices, "
-                  f"batch 64 ({verdict})."]
-    smoke = results["smoke"]
-    lines += ["", f"## Smoke run: `{smoke['preset']}` preset, init then em, {smoke['steps']} "
-                  f"steps, synthetic faces ({smoke['seconds']:.0f} s)", "",
-              "| stage | phase | steps logged | loss first | loss last | held-out RMSE first "
-              "| held-out RMSE last |", "|---|---|---|---|---|---|---|"]
+               else f"{'met' if rate >= RENDER_TARGET else 'NOT met'}: {rate:,.0f}")
+    return lines + ["", f"Renderer target: {RENDER_TARGET:,} images/s at 224 x 224 on 35k "
+                        f"vertices, batch 64 ({verdict})."]
+
+
+def smoke_section(smoke: dict) -> list:
+    """Loss and held-out RMSE of each phase at its first and last log line."""
+    lines = [f"## Smoke run: `{smoke['preset']}` preset, init then em, {smoke['steps']} "
+             f"steps, synthetic faces ({smoke['seconds']:.0f} s)", "",
+             "| stage | phase | steps logged | loss first | loss last | held-out RMSE first "
+             "| held-out RMSE last |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {p['stage']} | {p['phase']} | {p['steps']} | {p['loss'][0]:.4g} | "
               f"{p['loss'][1]:.4g} | {p['rmse'][0]:.2f} | {p['rmse'][1]:.2f} |"
               for p in smoke["phases"]]
     down = [f"{p['stage']} {p['phase']}" for p in smoke["phases"] if p["loss"][1] < p["loss"][0]]
-    lines += ["", f"Loss went down in {len(down)} of {len(smoke['phases'])} phases "
-                  f"({', '.join(down) or 'none'}); held-out RMSE (0-255) "
-                  f"{smoke['rmse'][0]:.2f} -> {smoke['rmse'][1]:.2f} "
-                  f"({'down' if smoke['rmse'][1] < smoke['rmse'][0] else 'not down'})."]
-    return "\n".join(lines) + "\n"
+    first, last = smoke["rmse"]
+    return lines + ["", f"Loss went down in {len(down)} of {len(smoke['phases'])} phases "
+                        f"({', '.join(down) or 'none'}); held-out RMSE (0-255) {first:.2f} -> "
+                        f"{last:.2f} ({'down' if last < first else 'not down'})."]
+
+
+def report(results: dict) -> str:
+    """The markdown report of `run_checks`' results."""
+    sections = (header(results), tests_section(results["tests"]), agreement_section(results),
+                throughput_section(results), smoke_section(results["smoke"]))
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
 def run_checks(device: torch.device, sizes: Sizes, *, train_batch: int, run_dir: str,
