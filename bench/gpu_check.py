@@ -6,11 +6,12 @@ CUDA device and prints a markdown report (also written to `--out`):
 
 1. CUDA tests: `python -m pytest -q -m cuda`, counted as passed, failed and skipped.
 2. CPU / CUDA agreement on the same float32 inputs, each output with its largest difference:
-   the renderer forward and backward (image, region, landmarks, the gradients of a random
-   linear read-out of image and landmarks), every loss of losses.py with its gradient, and
-   the encoder and UNet forward passes in evaluation mode. An output agrees when its largest
-   difference is at most 1e-4 x max(1, its largest magnitude on the CPU): 1e-4 on values of
-   order one (images, masks, losses), relative beyond (gradients, pixel coordinates).
+   the renderer forward and backward (face ids, region, image, landmarks, and the gradients
+   of a random linear read-out of image and landmarks), every loss of losses.py with its
+   gradient, and the encoder and UNet forward passes in evaluation mode. An output agrees
+   when its largest difference is at most 1e-4 x max(1, its largest magnitude on the CPU):
+   1e-4 on values of order one (images, masks, losses), relative beyond (gradients, pixel
+   coordinates).
    Convolutions and matrix products run in full float32 here (cuDNN's TF32 is off during the
    comparison; the timings below keep torch's defaults).
 3. Throughput at the `paper` preset's sizes, with the device name, torch and CUDA versions,
