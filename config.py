@@ -20,6 +20,7 @@ import difflib
 from dataclasses import dataclass
 
 STAGES = ("init", "em", "prior")
+R_SOURCES = ("encoder", "oracle")
 VARIANTS = ("focus", "mofa", "supervised", "cutout", "cutmix")
 SEGMENTER_LOSSES = ("full", "baseline", "neighbor", "perceptual")
 
@@ -39,6 +40,7 @@ VALIDATION_SEED = 7_000  # faces to choose settings on (docs/levers.md); never E
 FIT_SAMPLE_SEED = 1  # fit.py's held-out synthetic samples (`python fit.py INDEX`)
 PHOTO_OCCLUDER_SEEDS = (0, 1, 2, 3)  # photos.py: draws of each occluder pasted on a photo
 LIGHT_PRIOR_SEED = 8_000  # the lights `data.light_statistics` draws for fit.py's light prior
+ORACLE_NOISE_SEED = 9_000  # the oracle R's noise (training adds the step, evaluation not)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +85,13 @@ class Config:
     em_ae_steps: int = 500  # autoencoder steps per round (after the segmenter's); paper 25k
     prior_steps: int = 1_500  # R_syn on unoccluded synthetic faces (Sec. 3.4)
     prior_samples: int = 500  # N of Eq. 11
+    # R's render for S and for the mask: the encoder (paper: one forward pass), refined by
+    # `refine_steps` fitting steps at CPU scale (fit.refine), or the oracle (focus.oracle_theta)
+    r_source: str = "encoder"  # "encoder" (R = E + renderer) or "oracle" (true theta)
+    refine_steps: int = 0  # K: fitting steps from E(I_T) (0: the paper's one forward pass)
+    refine_landmark_steps: int = 0  # landmark-only steps before them (fit.fit's first stage)
+    oracle_noise: float = 0.0  # oracle: std of noise on identity, expression, albedo
+    lambda_distill: float = 0.0  # E(I_T) -> refined theta, squared, std units; not in the paper
     # preliminary mask (Eq. 10)
     xi: float = 0.17  # paper 0.17; official (3 x 0.043)^2 = 0.0166
     # segmenter loss L_S (Sec. 3.2), see losses.segmenter_loss
@@ -160,7 +169,7 @@ def validate(cfg: Config) -> None:
     choices = {"variant": VARIANTS, "segmenter_losses": SEGMENTER_LOSSES,
                "optimizer": ("adam", "adadelta"), "nbr_normalize": ("region", "image"),
                "bin_form": ("paper", "official"), "pixel_form": ("paper", "official"),
-               "lr_schedule": ("step", "cosine")}
+               "lr_schedule": ("step", "cosine"), "r_source": R_SOURCES}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
@@ -173,7 +182,8 @@ def validate(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("init_seg_steps", "em_steps", "prior_steps", "threads", "data_cache_mb"):
+    for name in ("init_seg_steps", "em_steps", "prior_steps", "threads", "data_cache_mb",
+                 "refine_steps", "refine_landmark_steps", "oracle_noise", "lambda_distill"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 < cfg.em_ae_steps < cfg.em_cycle:
@@ -190,6 +200,9 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"translation_scale and depth_scale must be > 0 and lambda_mono "
                          f">= 0, got {cfg.translation_scale}, {cfg.depth_scale} and "
                          f"{cfg.lambda_mono}")
+    if cfg.r_source == "oracle" and (cfg.variant != "focus" or cfg.data != "synthetic"):
+        raise ValueError("r_source 'oracle' renders each face's true theta: it needs synthetic "
+                         "data and the focus variant (it trains S only)")
     if cfg.segmenter_losses == "perceptual" and cfg.perceptual == "none":
         raise ValueError("segmenter_losses='perceptual' needs a perceptual network F "
                          "(--perceptual dlib or arcface:PATH)")

@@ -63,10 +63,11 @@ import bfm
 import data
 import face_models
 import figures
+import fit
 import focus
 import losses
 import runs
-from config import EVAL_SEED, SKIN_SEED
+from config import EVAL_SEED, ORACLE_NOISE_SEED, SKIN_SEED
 from losses import image_rmse  # the image metric, shared with training's held-out log
 
 SUBSETS = ("unoccluded", "glasses", "scarf", "hand", "random")
@@ -242,6 +243,7 @@ class Method(NamedTuple):
     run_dir: str
     stage: str  # checkpoint: "init" or "em"
     mask: Optional[str]  # "segmenter", "preliminary", "skin", "whole", "oracle" or None
+    r: str = "one pass"  # R: "one pass" (the encoder, the paper), "refined" or "oracle R"
 
 
 ROW_ORDER = ("MoFA", "Supervised", "cutout", "cutmix", "Skin detector", "Whole region",
@@ -250,27 +252,48 @@ ROW_ORDER = ("MoFA", "Supervised", "cutout", "cutmix", "Skin detector", "Whole r
 VARIANT_LABELS = {"mofa": "MoFA", "supervised": "Supervised", "cutout": "cutout",
                   "cutmix": "cutmix"}
 ABLATION_LABELS = {"baseline": "Baseline", "neighbor": "Neighbor", "perceptual": "Perceptual"}
+# the rows a FOCUS run gives: (label, checkpoint, mask)
+FOCUS_ROWS = (("FOCUS", "em", "segmenter"), ("Skin detector", "em", "skin"),
+              ("Whole region", "em", "whole"), ("Residual, oracle xi", "em", "oracle"),
+              ("Pretrained", "init", "segmenter"), ("M_pre", "init", "preliminary"))
+ONE_PASS_TOO = ("FOCUS", "Whole region", "Pretrained", "M_pre")  # shown both ways, refined
+
+
+def row_base(label: str) -> str:
+    """The row a label is a form of: "FOCUS, one pass" -> "FOCUS" (`ROW_ORDER`'s names)."""
+    return label if label in ROW_ORDER else label.split(",")[0]
 
 
 def methods_of_run(run_dir: str) -> List[Method]:
-    """The rows one run provides (module docstring), given which stages it finished."""
+    """The rows one run provides (module docstring), given which stages it finished.
+
+    A run that refines R (`refine_steps` > 0) gives its rows with the refined R under the plain
+    labels, and the main ones again with the encoder's one forward pass (", one pass"); an
+    oracle run gives its rows with the oracle's render (", oracle R" and the noise).
+    """
     cfg = runs.read_config(run_dir)
     finished = {stage for stage in ("init", "em")
                 if os.path.exists(runs.checkpoint_path(run_dir, stage))
                 and runs.load_checkpoint(runs.checkpoint_path(run_dir, stage))["done"]}
     if "em" not in finished:
         raise runs.RunError(f"{run_dir}: stage em is not finished (run or --resume it first)")
-    if cfg.variant != "focus":
-        return [Method(VARIANT_LABELS[cfg.variant], run_dir, "em", None)]
-    if cfg.segmenter_losses != "full":
-        return [Method(ABLATION_LABELS[cfg.segmenter_losses], run_dir, "em", "segmenter")]
-    rows = [Method("FOCUS", run_dir, "em", "segmenter"),
-            Method("Skin detector", run_dir, "em", "skin"),
-            Method("Whole region", run_dir, "em", "whole"),
-            Method("Residual, oracle xi", run_dir, "em", "oracle")]
-    if "init" in finished:
-        rows += [Method("Pretrained", run_dir, "init", "segmenter"),
-                 Method("M_pre", run_dir, "init", "preliminary")]
+    if cfg.r_source == "oracle":
+        suffix = f", oracle R (noise {cfg.oracle_noise:g}, eta {cfg.eta_area:g}/{cfg.eta_bin:g})"
+        return [Method(label + suffix, run_dir, stage, mask, "oracle R")
+                for label, stage, mask in FOCUS_ROWS
+                if stage in finished and mask in ("segmenter", "preliminary", "whole")]
+    refined = cfg.refine_steps > 0 or cfg.refine_landmark_steps > 0
+    if cfg.variant != "focus" or cfg.segmenter_losses != "full":
+        label = (VARIANT_LABELS.get(cfg.variant) if cfg.variant != "focus"
+                 else ABLATION_LABELS[cfg.segmenter_losses])
+        mask = None if cfg.variant != "focus" else "segmenter"
+        rows = [Method(label, run_dir, "em", mask, "refined" if refined else "one pass")]
+        return rows + ([Method(f"{label}, one pass", run_dir, "em", mask)] if refined else [])
+    rows = [Method(label, run_dir, stage, mask, "refined" if refined else "one pass")
+            for label, stage, mask in FOCUS_ROWS if stage in finished]
+    if refined:
+        rows += [Method(f"{m.label}, one pass", run_dir, m.stage, m.mask) for m in rows
+                 if m.label in ONE_PASS_TOO]
     return rows
 
 
@@ -301,31 +324,54 @@ def test_sets(face_model, size: int, count: int, *, seed: int = EVAL_SEED,
 # evaluating one method
 # ----------------------------------------------------------------------------------------------
 
-def oracle_xi(autoencoder, sets: Dict[str, dict], *, device: str = "cpu",
+def oracle_xi(method: Method, sets: Dict[str, dict], models, *, device: str = "cpu",
               grid=tuple(np.geomspace(0.002, 2.0, 31))) -> float:
-    """The threshold xi of M_pre (Eq. 10) with the best mean F1 over all test faces, for R's
-    reconstructions: the ceiling of any mask that thresholds this R's colour residual. It is
-    chosen on the test faces themselves (an oracle), so it is a diagnostic, not a method."""
+    """The threshold xi of M_pre (Eq. 10) with the best mean F1 over all test faces, for the
+    method's R (`r_output`): the ceiling of any mask that thresholds this R's colour residual.
+    It is chosen on the test faces themselves (an oracle), so it is a diagnostic, not a
+    method."""
+    cfg, autoencoder, segmenter = models
     scores = {xi: [] for xi in grid}
-    with torch.no_grad(), focus.eval_mode(autoencoder):
-        for faces in sets.values():
-            for first in range(0, faces["image"].shape[0], 32):
-                images = faces["image"][first:first + 32].to(device)
-                truth = faces["visible_face"][first:first + 32].to(device)
-                out = autoencoder(images)
-                for xi in grid:
-                    mask = losses.preliminary_mask(images, out.image, out.region, xi=xi)
-                    scores[xi].append(segmentation_scores(mask, truth, out.region)["F1"].cpu())
+    for faces in sets.values():
+        for first in range(0, faces["image"].shape[0], 32):
+            part = {k: v[first:first + 32].to(device) for k, v in faces.items()}
+            out = r_output(method, part, autoencoder, segmenter, cfg)
+            for xi in grid:
+                mask = losses.preliminary_mask(part["image"], out.image, out.region, xi=xi)
+                scores[xi].append(segmentation_scores(mask, part["visible_face"],
+                                                      out.region)["F1"].cpu())
     mean_f1 = {xi: float(np.nanmean(torch.cat(v).numpy())) for xi, v in scores.items()}
     return max(mean_f1, key=mean_f1.get)
 
 
-def predict(method: Method, images: torch.Tensor, autoencoder, segmenter, cfg,
+def r_output(method: Method, faces: dict, autoencoder, segmenter, cfg) -> focus.AutoencoderOutput:
+    """The method's R on a batch of test faces ("image", "landmarks", "theta"), no gradient:
+    the encoder's one forward pass; or refined by the run's `refine_steps` fitting steps
+    (`fit.refine`), masked by the method's segmenter, by M_pre for the init's M_pre row, or
+    plainly without a segmenter; or the oracle's render of each face's own theta."""
+    images = faces["image"]
+    if method.r == "oracle R":
+        g = torch.Generator().manual_seed(ORACLE_NOISE_SEED)
+        theta = focus.oracle_theta(faces["theta"], noise=cfg.oracle_noise, generator=g)
+        with torch.no_grad():
+            return autoencoder.decode(theta, height=images.shape[-2], width=images.shape[-1])
+    if method.r == "one pass":
+        with torch.no_grad(), focus.eval_mode(autoencoder):
+            return autoencoder(images)
+    mode = ("plain" if segmenter is None else
+            "robust" if method.mask == "preliminary" else "segmenter")
+    return fit.refine(images, faces["landmarks"], autoencoder, steps=cfg.refine_steps,
+                      landmark_steps=cfg.refine_landmark_steps, mode=mode,
+                      segmenter=segmenter if mode == "segmenter" else None, xi=cfg.xi)
+
+
+def predict(method: Method, faces: dict, autoencoder, segmenter, cfg,
             skin_model: Optional[SkinColourModel], xi: Optional[float] = None) -> dict:
-    """R's reconstruction of `images` and the method's face mask (None without one); `xi`
-    replaces cfg.xi for the "oracle" mask."""
+    """The method's reconstruction of a batch of test faces (`r_output`) and its face mask
+    (None without one); `xi` replaces cfg.xi for the "oracle" mask."""
+    images = faces["image"]
+    out = r_output(method, faces, autoencoder, segmenter, cfg)
     with torch.no_grad(), focus.eval_mode(autoencoder, segmenter):
-        out = autoencoder(images)
         mask = None
         if method.mask == "segmenter":
             mask = segmenter(out.image, images) * out.region
@@ -378,15 +424,16 @@ def evaluate_method(method: Method, sets: Dict[str, dict], *, prior: Optional[to
     cfg, autoencoder, segmenter = models or runs.load_models(method.run_dir, stage=method.stage,
                                                               device=device)
     results, seconds, images_seen = {}, 0.0, 0
-    xi = oracle_xi(autoencoder, sets, device=device) if method.mask == "oracle" else None
-    warm = next(iter(sets.values()))["image"][:2].to(device)
+    models = (cfg, autoencoder, segmenter)
+    xi = oracle_xi(method, sets, models, device=device) if method.mask == "oracle" else None
+    warm = {k: v[:2].to(device) for k, v in next(iter(sets.values())).items()}
     predict(method, warm, autoencoder, segmenter, cfg, skin_model, xi)  # builds cached mesh data
     for subset, faces in sets.items():
         per = {}
         for first in range(0, faces["image"].shape[0], batch_size):
             part = {k: v[first:first + batch_size].to(device) for k, v in faces.items()}
             tic = time.perf_counter()
-            pred = predict(method, part["image"], autoencoder, segmenter, cfg, skin_model, xi)
+            pred = predict(method, part, autoencoder, segmenter, cfg, skin_model, xi)
             seconds += time.perf_counter() - tic
             images_seen += part["image"].shape[0]
             rows = metric_rows(pred, part, prior=prior)
@@ -433,7 +480,7 @@ MASK_ONLY = ("Skin detector", "Whole region", "M_pre", "Residual, oracle xi")
 
 def _own_reconstruction(rows: Dict[str, dict]) -> Dict[str, dict]:
     """The rows with their own R: RMSE and shape of a mask-only row repeat its R's row."""
-    return {label: s for label, s in rows.items() if label not in MASK_ONLY}
+    return {label: s for label, s in rows.items() if row_base(label) not in MASK_ONLY}
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -486,8 +533,10 @@ def table_segmentation(rows: Dict[str, dict], groups) -> str:
 
 def table_ablation(rows: Dict[str, dict]) -> str:
     """Tab. 5: F1 per subset and the shape error over all faces, for the FOCUS family."""
-    family = [l for l in ("Whole region", "Residual, oracle xi", "M_pre", "Pretrained",
-                          "Baseline", "Neighbor", "Perceptual", "FOCUS") if l in rows]
+    order = ("Whole region", "Residual, oracle xi", "M_pre", "Pretrained", "Baseline",
+             "Neighbor", "Perceptual", "FOCUS")
+    family = sorted((l for l in rows if row_base(l) in order),
+                    key=lambda l: order.index(row_base(l)))
     groups = [g for g in SUBSETS if any(g in rows[l] for l in family)]
     head = ("| method | " + " | ".join(f"{g} F1" for g in groups)
             + " | shape median | mean | std |")
@@ -495,7 +544,7 @@ def table_ablation(rows: Dict[str, dict]) -> str:
     for label in family:
         s = rows[label]
         f1 = [_pm(s[g]["F1"]) if g in s and "F1" in s[g] else "-" for g in groups]
-        shape = [_f(s["overall"]["shape_vertex"][k]) if label not in MASK_ONLY else "-"
+        shape = [_f(s["overall"]["shape_vertex"][k]) if row_base(label) not in MASK_ONLY else "-"
                  for k in ("median", "mean", "std")]
         lines.append(f"| {label} | " + " | ".join(f1 + shape) + " |")
         if label == "FOCUS" and "shape_mp_vertex" in s["overall"]:
@@ -514,6 +563,14 @@ def tables_markdown(rows: Dict[str, dict], tests: Dict[str, dict], info: dict) -
                                     if info.get("without_f") else ""),
              *([f"Residual, oracle xi: xi = {rows['Residual, oracle xi']['xi']:.3g} "
                 f"(M_pre uses {info['xi']:g})."] if "Residual, oracle xi" in rows else []),
+             *([f"R: rows without a suffix refine the encoder's estimate by "
+                f"{info['refine_steps']} fitting steps (`fit.refine`, a CPU-scale deviation "
+                f"from the paper); rows ending ', one pass' use the encoder's one forward pass, "
+                f"as the paper does."] if info.get("refine_steps") else []),
+             *(["Rows with ', oracle R (noise s)' render each test face's own theta with s "
+                "standard deviations of noise on identity, expression and albedo (not a "
+                "method: how well R must fit for S to learn)."]
+               if any("oracle R" in label for label in rows) else []),
              "### Image fit: RMSE (0-255) inside the visible face (paper Tab. 1)",
              table_rmse(rows),
              "### Shape: neutral-shape error (mm) after rigid alignment (paper Tab. 3, Supp. "
@@ -524,6 +581,11 @@ def tables_markdown(rows: Dict[str, dict], tests: Dict[str, dict], info: dict) -
              table_segmentation(rows, [g for g in ("hand", "random", "occluded")
                                        if g in info["subsets"] or g == "occluded"]),
              "### Ablation (paper Tab. 5)", table_ablation(rows)]
+    if "rmse_mofa_focus" in info:
+        t = info["rmse_mofa_focus"]
+        parts.append(f"Occluded faces, paired t-test of the image RMSE, MoFA against FOCUS on "
+                     f"the same {t['n']} faces: {t['mean_before']:.2f} -> {t['mean_after']:.2f},"
+                     f" t = {t['t']:.2f}, p = {t['p']:.2g}.")
     if tests:
         lines = ["### Misfit prior: paired t-test of the per-face mean vertex error "
                  "(Supp. B.3)", "| method | faces | mean without | mean with | t | p |",
@@ -550,12 +612,14 @@ def qualitative_columns(methods: List[Method], sets: Dict[str, dict], *, skin_mo
     per method its reconstruction over the target and, with a mask, the outliers in red.
     `models(method)` gives the method's (cfg, R, S)."""
     subsets = [s for s in SUBSETS if s in sets]
-    images = torch.cat([sets[s]["image"][:per_subset] for s in subsets])  # (N, 3, H, W)
+    faces = {k: torch.cat([sets[s][k][:per_subset] for s in subsets]).to(device)
+             for k in ("image", "landmarks", "theta")}
+    images = faces["image"].cpu()  # (N, 3, H, W)
     columns = [("target", images)]
     for method in methods:
         cfg, autoencoder, segmenter = models(method)
         pred = {k: v.cpu() if v is not None else None for k, v in predict(
-            method, images.to(device), autoencoder, segmenter, cfg, skin_model).items()}
+            method, faces, autoencoder, segmenter, cfg, skin_model).items()}
         if method.mask in (None, "segmenter") and method.label != "Pretrained":
             columns.append((f"{method.label}\nreconstruction",
                             figures.render_over(images, pred["image"], pred["region"])))
@@ -573,7 +637,7 @@ def check_runs(run_dirs: List[str]) -> tuple:
     """(the rows the runs give, sorted as the tables show them, {run dir: Config}); RunError
     when two runs give the same row or the runs differ in face model, image size or alignment."""
     methods = sorted((m for r in run_dirs for m in methods_of_run(r)),
-                     key=lambda m: ROW_ORDER.index(m.label))
+                     key=lambda m: ROW_ORDER.index(row_base(m.label)))
     if len({m.label for m in methods}) != len(methods):
         raise runs.RunError("two runs give the same row; pass each variant once")
     cfgs = {r: runs.read_config(r) for r in run_dirs}
@@ -615,12 +679,14 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
     skin_model = (fit_skin_model(face_model, reference.image_size)
                   if any(m.mask == "skin" for m in methods) else None)
     models = model_cache(device)
-    rows, tests = {}, {}
+    rows, tests, occluded_rmse = {}, {}, {}
     for method in methods:
-        print(f"  {method.label:<14} {method.run_dir} ({method.stage})", flush=True)
+        print(f"  {method.label:<14} {method.run_dir} ({method.stage}, R {method.r})", flush=True)
         raw = evaluate_method(method, sets, prior=prior, skin_model=skin_model, device=device,
                               models=models(method))
         rows[method.label] = summarize(raw)
+        if method.label in ("MoFA", "FOCUS"):
+            occluded_rmse[method.label] = pooled(raw, [s for s in OCCLUDED if s in raw], "rmse")
         if prior is not None and method.mask in (None, "segmenter") and method.label != \
                 "Pretrained":
             tests[method.label] = paired_t_test(pooled(raw, subsets, "shape"),
@@ -630,7 +696,10 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
             "face_model": reference.face_model, "seed": EVAL_SEED, "runs": run_dirs,
             "misfit_prior": prior_path, "seconds": round(time.perf_counter() - tic, 1),
             "without_f": any(c.perceptual == "none" and c.variant == "focus"
-                             and c.segmenter_losses == "full" for c in cfgs.values())}
+                             and c.segmenter_losses == "full" for c in cfgs.values()),
+            "refine_steps": max(c.refine_steps for c in cfgs.values())}
+    if len(occluded_rmse) == 2 and len(occluded_rmse["FOCUS"]):
+        info["rmse_mofa_focus"] = paired_t_test(occluded_rmse["MoFA"], occluded_rmse["FOCUS"])
     markdown = write_results(out, rows, tests, info)
     if with_figures:
         write_figures(out, methods, rows, sets, prior=prior, face_model=face_model, cfgs=cfgs,
@@ -665,11 +734,46 @@ def write_figures(out: str, methods: List[Method], rows: dict, sets: Dict[str, d
     figures.figure_qualitative(os.path.join(out, "qualitative.png"), columns, row_labels)
     if prior is not None:
         figures.figure_misfit_prior(os.path.join(out, "misfit_prior.png"), prior, face_model)
+    if any(m.r == "oracle R" for m in methods):
+        figures.figure_oracle(os.path.join(out, "oracle.png"), *oracle_points(methods, rows, cfgs),
+                              lines={"per-image fit": fit_rmse(sets, face_model, device=device)})
     for r, cfg in cfgs.items():
         progress = os.path.join(r, "figures", "em_progress.png")
         if os.path.exists(progress) and cfg.variant == "focus" \
                 and cfg.segmenter_losses == "full":
             shutil.copyfile(progress, os.path.join(out, "em_progress.png"))
+
+
+def oracle_points(methods: List[Method], rows: dict, cfgs: dict) -> tuple:
+    """(curves, marks) of `figures.figure_oracle`: each oracle row's F1 against its R's RMSE
+    on unoccluded faces, one curve per mask (S per eta), and the trained R's FOCUS rows."""
+    def point(label):
+        s = rows[label]
+        return s["unoccluded"]["rmse"]["mean"], {g: s[g]["F1"]["mean"] for g in s
+                                                 if isinstance(s[g], dict) and "F1" in s[g]}
+    curves = {}
+    for m in methods:
+        if m.r != "oracle R" or row_base(m.label) not in ("FOCUS", "M_pre", "Whole region"):
+            continue
+        cfg = cfgs[m.run_dir]
+        name = ("S, eta %g/%g" % (cfg.eta_area, cfg.eta_bin) if m.mask == "segmenter"
+                else row_base(m.label))
+        rmse, f1 = point(m.label)
+        if all(abs(rmse - other) > 1e-6 for other, _ in curves.get(name, [])):
+            curves.setdefault(name, []).append((rmse, f1))  # M_pre, whole: once per noise
+    marks = {f"S, the trained R ({m.r})": point(m.label) for m in methods
+             if row_base(m.label) == "FOCUS" and m.r != "oracle R"}
+    return curves, marks
+
+
+def fit_rmse(sets: Dict[str, dict], face_model, *, count: int = 16, device: str = "cpu") -> float:
+    """The image RMSE of a per-image robust fit (`fit.fit`, 100 landmark + 100 full steps from
+    the mean face) on the first `count` unoccluded test faces: where a fitting R can be."""
+    faces = {k: v[:count].to(device) for k, v in sets["unoccluded"].items()}
+    result = fit.fit(faces["image"], faces["landmarks"], face_model.to(device), mode="robust",
+                     steps=100, landmark_steps=100)
+    return image_rmse(result.rendered.image, faces["image"], faces["visible_face"],
+                      result.rendered.region).nanmean().item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,7 +856,6 @@ def compare_fitting(run_dir: str, *, count: int = 8, subsets=SUBSETS, steps: int
     Returns:
         {row label: summarize()-style dict over "occluded" / "unoccluded" / "overall"}.
     """
-    import fit as fitting
     cfg, autoencoder, segmenter = runs.load_models(run_dir, stage="em", device=device)
     model = autoencoder.face_model
     sets = test_sets(model, cfg.image_size, count, subsets=subsets, aligned=cfg.aligned_faces)
@@ -760,14 +863,14 @@ def compare_fitting(run_dir: str, *, count: int = 8, subsets=SUBSETS, steps: int
     raw = {"FOCUS (one forward pass)": evaluate_method(
         focus_method, sets, prior=None, skin_model=None, device=device,
         models=(cfg, autoencoder, segmenter))}
-    for mode in fitting.MODES:
+    for mode in fit.MODES:
         label = {"plain": "fit, plain (every pixel)", "robust": "fit, robust (per-image EM)",
                  "segmenter": "fit, FOCUS segmenter masks"}[mode]
         results, seconds = {}, 0.0
         for subset, faces in sets.items():
             images = faces["image"].to(device)
             tic = time.perf_counter()
-            result = fitting.fit(images, faces["landmarks"].to(device), model, mode=mode,
+            result = fit.fit(images, faces["landmarks"].to(device), model, mode=mode,
                                  steps=steps, landmark_steps=landmark_steps,
                                  segmenter=segmenter if mode == "segmenter" else None)
             seconds += time.perf_counter() - tic

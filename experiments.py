@@ -71,8 +71,19 @@ SWEEP_EXPERIMENTS = (
                                             str(SWEEP_EM_STEPS)), ("em",), init_from="focus")
       for name, values in SWEEP.items() for value in values),
 )
-GROUPS = {"tables": EXPERIMENTS, "sweep": SWEEP_EXPERIMENTS,
-          "all": EXPERIMENTS + SWEEP_EXPERIMENTS}
+# the oracle R (docs/levers.md): S alone on each face's own theta with noise, with the paper's
+# eta and the `cpu` preset's, 200 pre-training + 400 L_S steps (4 EM rounds of 100 S steps)
+ORACLE_NOISE = (0.0, 0.25, 0.5, 1.0)
+ORACLE_ETA = {"paper": (0.5, 10.0), "cpu": (4.0, 1.0)}
+ORACLE_EXPERIMENTS = tuple(
+    Experiment(f"oracle-{noise:g}-{eta}", ("--r-source", "oracle", "--oracle-noise", str(noise),
+                                          "--eta-area", str(area), "--eta-bin", str(binary),
+                                          "--init-seg-steps", "200", "--em-steps", "2400",
+                                          "--em-cycle", "600", "--em-ae-steps", "500"),
+               ("init", "em"))
+    for eta, (area, binary) in ORACLE_ETA.items() for noise in ORACLE_NOISE)
+GROUPS = {"tables": EXPERIMENTS, "sweep": SWEEP_EXPERIMENTS, "oracle": ORACLE_EXPERIMENTS,
+          "all": EXPERIMENTS + SWEEP_EXPERIMENTS + ORACLE_EXPERIMENTS}
 
 
 def run_dir_of(root: str, preset: str, experiment: Experiment) -> str:
@@ -171,7 +182,8 @@ def main(argv=None) -> None:
     parser.add_argument("--root", default="runs", help="folder of the run dirs (default runs)")
     parser.add_argument("--group", choices=sorted(GROUPS), default="tables",
                         help="tables (default): the runs of the result tables; sweep: EM runs "
-                             "varying one eta at a time (Supp. Fig. 4); all: both")
+                             "varying one eta at a time (Supp. Fig. 4); oracle: S on the oracle "
+                             "R at four noise levels and two eta; all: every group")
     parser.add_argument("--only", nargs="+", help="experiment names (instead of --group)")
     parser.add_argument("--jobs", type=int, default=2, help="stages run at once (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
@@ -199,11 +211,12 @@ def main(argv=None) -> None:
         return
     import evaluate
     count = ["--count", str(args.eval_count)] if args.eval_count else []
+    # the tables take the oracle runs too (their rows and the figure oracle.png)
     for group, command in (("tables", []), ("sweep", ["sweep"])):
-        dirs = [run_dir_of(args.root, args.preset, e) for e in GROUPS[group]
-                if os.path.exists(runs.checkpoint_path(run_dir_of(args.root, args.preset, e),
-                                                        "em"))]
-        if dirs and any(e in experiments for e in GROUPS[group]):
+        members = GROUPS[group] + (ORACLE_EXPERIMENTS if group == "tables" else ())
+        dirs = [run_dir_of(args.root, args.preset, e) for e in members
+                if stage_done(run_dir_of(args.root, args.preset, e), "em")]
+        if dirs and any(e in experiments for e in members):
             evaluate.main(command + ["--runs", *dirs, "--out", args.out] + count)
     print(f"all: {(time.perf_counter() - tic) / 60:.1f} min")
 

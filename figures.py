@@ -18,6 +18,7 @@ figures; `python -m pytest -q tests/test_train.py tests/test_evaluate.py` tests 
 import csv
 import math
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -221,6 +222,35 @@ def figure_sweep(path: str, points: list) -> None:
         ax.set_xlabel(name)
         ax.set_ylabel("mask F1")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def figure_oracle(path: str, curves: dict, marks: dict, *, lines: Optional[dict] = None,
+                  subsets=("scarf", "random")) -> None:
+    """How well R must fit for S to learn: mask F1 against R's image RMSE on unoccluded faces.
+
+    Args:
+        curves: {line label: [(rmse, {subset: F1}), ...]} over the oracle's noise levels.
+        marks: {point label: (rmse, {subset: F1})}, e.g. the trained R in one pass and refined.
+        lines: {label: rmse} drawn as vertical lines (e.g. a per-image fit's RMSE).
+    """
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(4.2 * len(subsets), 3.4))
+    axes = fig.subplots(1, len(subsets), squeeze=False)[0]
+    for ax, subset in zip(axes, subsets):
+        for label, points in curves.items():
+            points = sorted(points, key=lambda p: p[0])
+            ax.plot([p[0] for p in points], [p[1].get(subset, float("nan")) for p in points],
+                    "o-" if label.startswith("S") else "s--", label=label, ms=4)
+        for (label, (rmse, f1)), marker in zip(marks.items(), "*Pv^"):
+            ax.plot([rmse], [f1.get(subset, float("nan"))], marker, ms=11, label=label)
+        for (label, rmse), colour in zip((lines or {}).items(), ("grey", "black")):
+            ax.axvline(rmse, color=colour, lw=0.8, ls=":", label=f"{label} (RMSE {rmse:.1f})")
+        ax.set_xlabel("R's image RMSE on unoccluded faces (0-255)")
+        ax.set_ylabel(f"mask F1, {subset}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

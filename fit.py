@@ -179,6 +179,37 @@ def coarse_to_fine(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.Morp
     return fine._replace(history=history)
 
 
+def refine(images: torch.Tensor, landmarks: torch.Tensor, autoencoder: focus.FaceAutoencoder, *,
+           steps: int, landmark_steps: int = 0, mode: str = "robust",
+           segmenter: Optional[torch.nn.Module] = None, xi: float = 0.17,
+           lambda_reg: float = 0.01, lr: float = 0.03) -> focus.AutoencoderOutput:
+    """R refined by analysis-by-synthesis: the encoder's estimate E(I_T), then `fit` for
+    `landmark_steps` + `steps` steps of L_R from it, with the pixel term masked as `mode` says
+    ("robust": M_pre re-estimated from the current fit; "segmenter": S(I_R, I_T); "plain").
+
+    A CPU-scale deviation from the paper, which uses R's one forward pass: an encoder trained
+    for minutes predicts pose and light but not identity, expression and albedo, and a few
+    fitting steps from its estimate reach the image error of a per-image fit (docs/levers.md,
+    fifth round). With no steps this is the one forward pass, bit for bit. The networks run in
+    evaluation mode and get no gradient.
+
+    Returns:
+        The render of the refined theta (`focus.AutoencoderOutput`), without gradient.
+    """
+    if steps < 0 or landmark_steps < 0:
+        raise ValueError(f"refinement steps must be >= 0, got steps={steps}, "
+                         f"landmark_steps={landmark_steps}")
+    with torch.no_grad(), focus.eval_mode(autoencoder, segmenter):
+        if steps == 0 and landmark_steps == 0:
+            return autoencoder(images)
+        start = bfm.join_theta(autoencoder.encoder(images))  # (B, 257)
+    with torch.enable_grad(), focus.eval_mode(autoencoder, segmenter):
+        fitted = fit(images, landmarks, autoencoder.face_model, mode=mode, steps=steps,
+                     landmark_steps=landmark_steps, segmenter=segmenter, xi=xi, init=start,
+                     lambda_reg=lambda_reg, lr=lr)
+    return fitted.rendered
+
+
 def decoder_and_e_step(image: torch.Tensor, model: bfm.MorphableModel, *, mode: str, steps: int,
                        xi: float, xi_start: Optional[float], keep_at_least: float,
                        segmenter: Optional[torch.nn.Module]):

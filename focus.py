@@ -19,6 +19,9 @@ Paper map (Li et al., CVPR 2023, Sec. 3.1 and Fig. 2; Sec. 4.1; Supp. A.2):
   one fit.py fits through; `reconstruct` is the inference path of Fig. 2b (reconstruction and
   mask in one call, without gradients); `apply_misfit_prior` corrects a predicted shape by the
   misfit prior, P - E_MP (Sec. 3.4).
+- `oracle_theta`: not in the paper. The parameters of an oracle R, each synthetic face's own
+  theta with optional noise on identity, expression and albedo: an R that fits as well as
+  wanted, to measure how good R must be for S to learn outliers (train.py `r_source`).
 
 Conventions: B batch, V vertices, H x W image. Images (B, 3, H, W) with values in [0, 1];
 masks (B, 1, H, W); vertices (B, V, 3) in model space, millimetres. Every network takes its
@@ -402,6 +405,27 @@ def decode(theta: Theta, face_model: MorphableModel, *, height: int, width: int,
                       face_model.landmarks, height=height, width=width, adjacency=adjacency)
     return AutoencoderOutput(theta, vertices, albedo, rendered.image, rendered.region,
                              rendered.landmarks)
+
+
+def oracle_theta(theta: torch.Tensor, *, noise: float = 0.0,
+                 generator: Optional[torch.Generator] = None) -> Theta:
+    """The oracle R's theta: each face's own parameters (B, 257), with Gaussian noise of `noise`
+    standard deviations on identity, expression and albedo (pose and light stay exact).
+
+    Not in the paper: decoded by `decode`, it is an R whose misfit can be set, which shows how
+    good R must be for the segmenter to learn outliers. Coefficients are in std units (prior
+    N(0, 1)), so noise 1 moves a face as far as a fresh draw of the prior does.
+    """
+    if noise < 0:
+        raise ValueError(f"oracle noise must be >= 0 standard deviations, got {noise}")
+    parts = split_theta(theta)
+    if noise == 0:
+        return parts
+    # alpha' = alpha + sigma z, gamma' = gamma + sigma z, z ~ N(0, 1), on CPU for one stream
+    jitter = lambda part: part + noise * torch.randn(
+        part.shape, generator=generator, dtype=part.dtype).to(part.device)  # (B, n)
+    return parts._replace(id=jitter(parts.id), exp=jitter(parts.exp),
+                          albedo=jitter(parts.albedo))
 
 
 class Reconstruction(NamedTuple):

@@ -83,7 +83,7 @@ Features = Callable[[Tensor], Tensor]
 
 # term order of the returned dicts (the paper's order)
 SEGMENTER_TERMS = ("L_nbr", "L_dist", "L_area", "L_presv", "L_bin")
-AUTOENCODER_TERMS = ("L_pixel", "L_per", "L_lm", "L_reg", "L_mono")
+AUTOENCODER_TERMS = ("L_pixel", "L_per", "L_lm", "L_reg", "L_mono", "L_distill")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,6 +612,31 @@ def light_prior_loss(sh: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return ((sh - mean) / std).pow(2).mean(dim=1).mean()
 
 
+def distillation_loss(theta: Tensor, target: Tensor, scale: Tensor) -> Tensor:
+    """Distillation L_distill (not in the paper): the encoder's theta towards the theta that
+    fitting refined from it (`fit.refine`), so that the encoder learns what the refinement
+    found and later refinements start closer,
+
+        L_distill = mean_j ((theta_j - theta*_j) / s_j)^2
+
+    with s the size of one unit of each number (`fit.theta_step`: 1 for coefficients in std
+    units, angles and light, 10 mm for translations). theta* carries no gradient. Reduction:
+    mean over the 257 numbers, mean over the batch.
+
+    Args:
+        theta: (B, 257) the encoder's estimate.
+        target: (B, 257) the refined theta.
+        scale: (257,) s, > 0.
+    Returns:
+        Scalar.
+    """
+    _check_tensor("theta", theta, 2)
+    if target.shape != theta.shape or scale.shape != theta.shape[1:]:
+        raise ValueError(f"theta and target must be (B, n) alike and scale (n,), got "
+                         f"{tuple(theta.shape)}, {tuple(target.shape)}, {tuple(scale.shape)}")
+    return ((theta - target.detach()) / scale).pow(2).mean(dim=1).mean()
+
+
 def autoencoder_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Tensor, *,
                      lm_target: Tensor, lm_pred: Tensor, lm_weights: Tensor,
                      coefficients: Sequence[Tensor],
@@ -624,6 +649,8 @@ def autoencoder_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Ten
                      lambda_reg: float = 0.1,  # lambda_4, Eq. 8
                      sh: Optional[Tensor] = None,
                      lambda_mono: float = 0.0,  # not in the paper (Deep3D: 10)
+                     distill: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+                     lambda_distill: float = 0.0,  # not in the paper
                      ) -> tuple[Tensor, dict[str, Tensor]]:
     """Autoencoder loss L_R = lambda_1 L_pixel + lambda_2 L_per + lambda_3 L_lm + lambda_4 L_reg.
 
@@ -642,12 +669,14 @@ def autoencoder_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Ten
         lm_weights: (K,) or (B, K), e.g. `landmark_weights()`.
         coefficients: the 3DMM coefficients to regularise, each (B, n_i).
         sh: (B, 27) light phi for `light_colour_loss`, or None to leave out L_mono.
+        distill: (theta, refined theta, scale) for `distillation_loss`, or None to leave out
+            L_distill.
         features: F, or None to leave out L_per.
         pixel_form: `pixel_loss`'s form.
         per_location: passed to L_per.
     Returns:
         (L_R scalar, dict of unweighted scalar terms in `AUTOENCODER_TERMS` order; "L_per" only
-        when features are given, "L_mono" only when sh is given).
+        when features are given, "L_mono" only when sh is given, "L_distill" with distill).
     """
     B, C, H, W = _check_images(target, rendered)
     _check_mask("mask", mask, B, H, W)
@@ -662,6 +691,9 @@ def autoencoder_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Ten
     if sh is not None:
         terms["L_mono"] = light_colour_loss(sh)
         weights["L_mono"] = lambda_mono
+    if distill is not None:
+        terms["L_distill"] = distillation_loss(*distill)
+        weights["L_distill"] = lambda_distill
     if features is not None:
         with torch.no_grad():
             feat_target = features(target)

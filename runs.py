@@ -31,7 +31,7 @@ import focus
 from config import Config, has_segmenter
 
 LOG_FIELDS = ("stage", "step", "phase", "loss", "L_pixel", "L_per", "L_lm", "L_reg", "L_mono",
-              "L_nbr", "L_dist", "L_area", "L_presv", "L_bin", "L_bce", "kept", "rmse_heldout",
+              "L_distill", "L_nbr", "L_dist", "L_area", "L_presv", "L_bin", "L_bce", "kept", "rmse_heldout",
               "lr", "s_per_step")
 
 

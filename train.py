@@ -89,12 +89,13 @@ import bfm
 import data
 import face_models
 import figures
+import fit
 import focus
 import losses
 import perceptual
 import runs
-from config import (HELDOUT_FACES, HELDOUT_SEED, PRESETS, PREVIEW_SEED, PRIOR_EVAL_SEED,
-                    PRIOR_TRAIN_SEED, SEGMENTER_LOSSES, STAGE_SALT, STAGES, VARIANTS, Config,
+from config import (HELDOUT_FACES, HELDOUT_SEED, ORACLE_NOISE_SEED, PRESETS, PREVIEW_SEED,
+                    PRIOR_EVAL_SEED, PRIOR_TRAIN_SEED, SEGMENTER_LOSSES, STAGE_SALT, STAGES, VARIANTS, Config,
                     has_segmenter, make_config, parse_overrides)
 from runs import RunError
 
@@ -117,6 +118,8 @@ def phase_at(step: int, cfg: Config) -> str:
         raise ValueError(f"step must be >= 0, got {step}")
     if not has_segmenter(cfg):
         return "autoencoder"
+    if cfg.r_source == "oracle":  # R is given: only S trains
+        return "segmenter"
     in_round = step % cfg.em_cycle
     return "segmenter" if in_round < cfg.em_cycle - cfg.em_ae_steps else "autoencoder"
 
@@ -125,11 +128,21 @@ def init_phase_at(step: int, cfg: Config) -> str:
     """The init stage (Sec. 3.3): `init_ae_steps` of R on M_pre, then S's pre-training."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if cfg.r_source == "oracle":  # R is given: only S trains
+        return "pretrain"
     return "autoencoder" if step < cfg.init_ae_steps or not has_segmenter(cfg) else "pretrain"
 
 
 def stage_steps(stage: str, cfg: Config) -> int:
-    """Number of optimiser steps of a stage."""
+    """Number of optimiser steps of a stage; with the oracle R only S's steps of it."""
+    if cfg.r_source == "oracle":
+        if stage == "prior":
+            raise RunError("the oracle R has no encoder to train a misfit prior for: run the "
+                           "stages init and em")
+        rounds, rest = divmod(cfg.em_steps, cfg.em_cycle)
+        segmenter_steps = cfg.em_cycle - cfg.em_ae_steps
+        return {"init": cfg.init_seg_steps,
+                "em": rounds * segmenter_steps + min(rest, segmenter_steps)}[stage]
     if stage == "init":
         return cfg.init_ae_steps + (cfg.init_seg_steps if has_segmenter(cfg) else 0)
     return {"em": cfg.em_steps, "prior": cfg.prior_steps}[stage]
@@ -287,34 +300,80 @@ def kept_fraction(mask: torch.Tensor, region: torch.Tensor) -> float:
     return -losses.area_loss(mask.detach(), region).item()
 
 
-def face_mask(stage: str, batch: dict, out, segmenter, cfg: Config) -> torch.Tensor:
+def r_render(batch: dict, autoencoder, segmenter, cfg: Config, *, stage: str,
+             step: int = 0) -> focus.AutoencoderOutput:
+    """R's render of a batch, without gradient: what S sees in its phases and what the mask of
+    R's own phase is computed from.
+
+    - `r_source` "oracle": each face's own theta, with `oracle_noise` (`focus.oracle_theta`);
+      not in the paper, it shows how well R must fit for S to learn (docs/levers.md).
+    - `refine_steps` K > 0: the encoder's estimate refined by K fitting steps of L_R
+      (`fit.refine`), the pixel term masked as the stage masks it: M_pre in init, S's mask in
+      em. A CPU-scale deviation from the paper's one forward pass, in the spirit of
+      analysis-by-synthesis: the encoder alone does not fit at this budget.
+    - otherwise the encoder's one forward pass (the paper).
+    """
+    images = batch["image"]
+    H, W = images.shape[-2:]
+    if cfg.r_source == "oracle":
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + ORACLE_NOISE_SEED + step)
+        with torch.no_grad():
+            return autoencoder.decode(focus.oracle_theta(batch["theta"], noise=cfg.oracle_noise,
+                                                         generator=g), height=H, width=W)
+    with_s = stage == "em" and segmenter is not None
+    return fit.refine(images, batch["landmarks"], autoencoder, steps=cfg.refine_steps,
+                      landmark_steps=cfg.refine_landmark_steps,
+                      mode="segmenter" if with_s else "robust",
+                      segmenter=segmenter if with_s else None, xi=cfg.xi)
+
+
+def uses_r_render(cfg: Config) -> bool:
+    """Whether R's own phase takes its mask from `r_render` (a refined R) rather than from the
+    encoder's own render (the paper, and the baselines, which have no mask to refine with)."""
+    return cfg.variant == "focus" and (cfg.refine_steps > 0 or cfg.refine_landmark_steps > 0)
+
+
+def face_mask(stage: str, batch: dict, out, segmenter, cfg: Config, *,
+              reference: Optional[focus.AutoencoderOutput] = None) -> torch.Tensor:
     """The mask of L_pixel in an autoencoder phase, (B, 1, H, W).
 
     init: M_pre (Eq. 10); em: S(I_R, I_T), detached unless `detach_mask` is False; prior and
     mofa: every rendered pixel; supervised, cutout, cutmix: the ground-truth visible face.
+    I_R is `reference`, R's render from `r_render` (a refined R), or None: the encoder's own
+    render `out`.
     """
     images = batch["image"]
     if stage == "prior" or cfg.variant == "mofa":
         return torch.ones_like(out.region)  # (B, 1, H, W)
     if cfg.variant != "focus":
         return ground_truth_mask(batch, cfg)  # (B, 1, H, W)
+    shown = out if reference is None else reference
     if stage == "init":
-        return losses.preliminary_mask(images, out.image.detach(), out.region, xi=cfg.xi)
-    if cfg.detach_mask:
+        return losses.preliminary_mask(images, shown.image.detach(), shown.region, xi=cfg.xi)
+    if cfg.detach_mask or reference is not None:
         with torch.no_grad():
-            return segmenter(out.image.detach(), images)  # (B, 1, H, W)
+            return segmenter(shown.image.detach(), images)  # (B, 1, H, W)
     return segmenter(out.image, images)  # (B, 1, H, W), gradient leaks into R (official code)
 
 
-def autoencoder_phase_loss(stage: str, batch: dict, autoencoder, segmenter, F, cfg: Config):
-    """L_R (Eq. 8) of R on one batch, with the stage's mask in L_pixel.
+def autoencoder_phase_loss(stage: str, batch: dict, autoencoder, segmenter, F, cfg: Config,
+                           step: int = 0):
+    """L_R (Eq. 8) of R on one batch, with the stage's mask in L_pixel (and L_distill towards
+    the refined theta when `lambda_distill` > 0).
 
     Returns:
         (L_R scalar, dict of floats: the unweighted terms and "kept").
     """
     images, lm_target = batch["image"], batch["landmarks"]
+    reference = None
+    if uses_r_render(cfg) and stage != "prior":
+        reference = r_render(batch, autoencoder, segmenter, cfg, stage=stage, step=step)
     out = autoencoder(images)
-    mask = face_mask(stage, batch, out, segmenter, cfg)  # (B, 1, H, W)
+    mask = face_mask(stage, batch, out, segmenter, cfg, reference=reference)  # (B, 1, H, W)
+    distill = None
+    if reference is not None and cfg.lambda_distill > 0:
+        distill = (bfm.join_theta(out.theta), bfm.join_theta(reference.theta),
+                   fit.theta_step(images.dtype, images.device))
     loss, terms = losses.autoencoder_loss(
         images, out.image, mask, out.region, lm_target=lm_target, lm_pred=out.landmarks,
         lm_weights=autoencoder.face_model.landmark_weights,
@@ -323,22 +382,21 @@ def autoencoder_phase_loss(stage: str, batch: dict, autoencoder, segmenter, F, c
         pixel_form=cfg.pixel_form, per_location=cfg.per_location,
         lambda_pixel=cfg.lambda_pixel, lambda_per=cfg.lambda_per, lambda_lm=cfg.lambda_lm,
         lambda_reg=cfg.lambda_reg, sh=out.theta.sh if cfg.lambda_mono > 0 else None,
-        lambda_mono=cfg.lambda_mono)
+        lambda_mono=cfg.lambda_mono, distill=distill, lambda_distill=cfg.lambda_distill)
     logs = {name: value.item() for name, value in terms.items()}
     logs["kept"] = kept_fraction(mask, out.region)
     return loss, logs
 
 
-def pretrain_segmenter_loss(batch: dict, autoencoder, segmenter, cfg: Config):
+def pretrain_segmenter_loss(batch: dict, autoencoder, segmenter, cfg: Config, step: int = 0):
     """BCE(S(I_R, I_T), M_pre) over the rendered pixels: S learns the preliminary masks (Sec. 3.3).
 
-    R is frozen. The official code applies a sigmoid to S's probabilities before its BCE (a
-    double sigmoid); this is the plain BCE on probabilities.
+    R is frozen (its render from `r_render`). The official code applies a sigmoid to S's
+    probabilities before its BCE (a double sigmoid); this is the plain BCE on probabilities.
     """
     images = batch["image"]
-    with torch.no_grad():
-        out = autoencoder(images)
-        labels = losses.preliminary_mask(images, out.image, out.region, xi=cfg.xi)  # (B, 1, H, W)
+    out = r_render(batch, autoencoder, segmenter, cfg, stage="init", step=step)
+    labels = losses.preliminary_mask(images, out.image, out.region, xi=cfg.xi)  # (B, 1, H, W)
     mask = segmenter(out.image, images)  # (B, 1, H, W)
     # -[y log M + (1 - y) log(1 - M)] per pixel
     bce = TF.binary_cross_entropy(mask, labels, reduction="none")  # (B, 1, H, W)
@@ -347,11 +405,11 @@ def pretrain_segmenter_loss(batch: dict, autoencoder, segmenter, cfg: Config):
     return loss, {"L_bce": loss.item(), "kept": kept_fraction(mask, out.region)}
 
 
-def segmenter_phase_loss(batch: dict, autoencoder, segmenter, F, cfg: Config):
-    """L_S (Sec. 3.2) of S on one batch, R frozen in eval mode, with the ablation switches."""
+def segmenter_phase_loss(batch: dict, autoencoder, segmenter, F, cfg: Config, step: int = 0):
+    """L_S (Sec. 3.2) of S on one batch, R frozen in eval mode (its render from `r_render`),
+    with the ablation switches."""
     images, lm_target = batch["image"], batch["landmarks"]
-    with torch.no_grad():
-        out = autoencoder(images)
+    out = r_render(batch, autoencoder, segmenter, cfg, stage="em", step=step)
     mask = segmenter(out.image, images)  # (B, 1, H, W)
     uses_f = cfg.segmenter_losses in ("full", "perceptual")
     loss, terms = losses.segmenter_loss(
@@ -367,13 +425,14 @@ def segmenter_phase_loss(batch: dict, autoencoder, segmenter, F, cfg: Config):
     return loss, logs
 
 
-def phase_loss(stage: str, phase: str, batch: dict, autoencoder, segmenter, F, cfg: Config):
-    """Dispatch to the loss of this stage's phase: (loss, logs)."""
+def phase_loss(stage: str, phase: str, batch: dict, autoencoder, segmenter, F, cfg: Config,
+               step: int = 0):
+    """Dispatch to the loss of this stage's phase at `step`: (loss, logs)."""
     if phase == "pretrain":
-        return pretrain_segmenter_loss(batch, autoencoder, segmenter, cfg)
+        return pretrain_segmenter_loss(batch, autoencoder, segmenter, cfg, step)
     if phase == "segmenter":
-        return segmenter_phase_loss(batch, autoencoder, segmenter, F, cfg)
-    return autoencoder_phase_loss(stage, batch, autoencoder, segmenter, F, cfg)
+        return segmenter_phase_loss(batch, autoencoder, segmenter, F, cfg, step)
+    return autoencoder_phase_loss(stage, batch, autoencoder, segmenter, F, cfg, step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,9 +476,18 @@ def progress_line(stage: str, step: int, total: int, phase: str, logs: dict,
 
 
 def preview_outputs(preview: dict, autoencoder, segmenter, cfg: Config, stage: str):
-    """Reconstruction and mask of the preview faces (eval mode, no gradient)."""
-    recon = focus.reconstruct(preview["image"], autoencoder,
-                              segmenter if stage == "em" else None)
+    """Reconstruction and mask of the preview faces (eval mode, no gradient), on R's render as
+    S sees it (`r_render`: refined or oracle) where the run uses one."""
+    if stage != "prior" and (cfg.r_source == "oracle" or uses_r_render(cfg)):
+        out = r_render(preview, autoencoder, segmenter, cfg, stage=stage)
+        mask = out.region  # (B, 1, H, W)
+        if stage == "em":
+            with torch.no_grad(), focus.eval_mode(segmenter):
+                mask = out.region * segmenter(out.image, preview["image"])  # (B, 1, H, W)
+        recon = focus.Reconstruction(out.vertices, out.image, mask)
+    else:
+        recon = focus.reconstruct(preview["image"], autoencoder,
+                                  segmenter if stage == "em" else None)
     if stage == "init" and cfg.variant == "focus":
         mask = losses.preliminary_mask(preview["image"], recon.image, recon.mask, xi=cfg.xi)
         recon = recon._replace(mask=mask)
@@ -446,13 +514,18 @@ def heldout_faces(cfg: Config, face_model, device) -> Optional[dict]:
     return load_batch(faces, list(range(HELDOUT_FACES)), device)
 
 
-def heldout_rmse(autoencoder, faces: Optional[dict]) -> Optional[float]:
+def heldout_rmse(autoencoder, faces: Optional[dict],
+                 cfg: Optional[Config] = None) -> Optional[float]:
     """R's mean image RMSE (0-255, Tab. 1) on the held-out faces, in eval mode: an underfit R
-    shows itself while it trains (the floor is the pixel noise, about 2.6)."""
+    shows itself while it trains (the floor is the pixel noise, about 2.6). The encoder's one
+    forward pass, or the oracle's render for an oracle run (`cfg.r_source`)."""
     if faces is None:
         return None
     with torch.no_grad(), focus.eval_mode(autoencoder):
-        out = autoencoder(faces["image"])
+        if cfg is not None and cfg.r_source == "oracle":
+            out = r_render(faces, autoencoder, None, cfg, stage="em")
+        else:
+            out = autoencoder(faces["image"])
     return losses.image_rmse(out.image, faces["image"], faces["region"], out.region).mean().item()
 
 
@@ -604,7 +677,7 @@ def train_loop(stage: str, run_dir: str, cfg: Config, autoencoder, segmenter, op
         batch = augment(load_batch(dataset, batch_indices(step, cfg, len(dataset), salt=salt),
                                    device), cfg, step, salt=salt)
         set_phase(phase, autoencoder, segmenter)
-        loss, logs = phase_loss(stage, phase, batch, autoencoder, segmenter, F, cfg)
+        loss, logs = phase_loss(stage, phase, batch, autoencoder, segmenter, F, cfg, step)
         optimizer, schedule = optimizers[phase]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -618,7 +691,7 @@ def train_loop(stage: str, run_dir: str, cfg: Config, autoencoder, segmenter, op
         if done % cfg.log_every == 0 or done == total:
             seconds = (time.perf_counter() - tic) / cfg.log_every
             log_interval(run_dir, stage, done, total, interval, optimizers, seconds, cfg,
-                         rmse=heldout_rmse(autoencoder, heldout))
+                         rmse=heldout_rmse(autoencoder, heldout, cfg))
             interval, tic = {}, time.perf_counter()
         if done % cfg.figure_every == 0 or done == total:
             draw_figures(run_dir, stage, done, preview, autoencoder, segmenter, cfg)

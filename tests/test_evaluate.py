@@ -505,7 +505,8 @@ def test_oracle_xi_is_the_best_threshold_of_its_grid(tiny_run):
     cfg, autoencoder, _ = runs.load_models(focus_dir)
     sets = evaluate.test_sets(autoencoder.face_model, cfg.image_size, 3, subsets=("scarf", "hand"))
     grid = (0.01, 0.1, 1.0)
-    best = evaluate.oracle_xi(autoencoder, sets, grid=grid)
+    method = evaluate.Method("Residual, oracle xi", focus_dir, "em", "oracle")
+    best = evaluate.oracle_xi(method, sets, (cfg, autoencoder, None), grid=grid)
     mean_f1 = {}
     for xi in grid:  # the same score, one threshold at a time
         values = []

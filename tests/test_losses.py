@@ -674,7 +674,7 @@ def test_autoencoder_loss_is_weighted_sum(seed, w, use_features):
                                            **kw, **weights)
     # without sh there is no L_mono
     expected_keys = [k for k in losses.AUTOENCODER_TERMS if (use_features or k != "L_per")
-                     and k != "L_mono"]
+                     and k not in ("L_mono", "L_distill")]
     assert list(terms) == expected_keys
     expected = sum(weights[k] * terms[AUTO_WEIGHTS[k]] for k in weights
                    if AUTO_WEIGHTS[k] in terms)
@@ -699,7 +699,8 @@ def test_autoencoder_loss_adds_weighted_mono_only_with_sh(seed, lambda_mono, use
     total, terms = losses.autoencoder_loss(target, rendered, mask, region, features=features,
                                            **kw, sh=sh, lambda_mono=lambda_mono)
     assert "L_mono" not in plain
-    assert list(terms) == [k for k in losses.AUTOENCODER_TERMS if use_features or k != "L_per"]
+    assert list(terms) == [k for k in losses.AUTOENCODER_TERMS if (use_features or k != "L_per")
+                           and k != "L_distill"]
     assert terms["L_mono"] == losses.light_colour_loss(sh)
     assert all(terms[k] == v for k, v in plain.items())
     assert total.item() == pytest.approx((without + lambda_mono * terms["L_mono"]).item(),
@@ -804,3 +805,20 @@ def test_bad_input_raises_clear_errors():
         losses.light_colour_loss(torch.zeros(2, 27, dtype=torch.long))
     with pytest.raises(TypeError, match="torch.Tensor"):
         losses.light_colour_loss(torch.zeros(2, 27).numpy())
+
+
+@given(seed=seeds, lambda_distill=weight_values)
+def test_autoencoder_loss_adds_weighted_distillation_only_when_given(seed, lambda_distill):
+    target, rendered, mask, region, kw = auto_inputs(seed)
+    g = torch.Generator().manual_seed(seed)
+    theta = leaf(torch.randn(2, 257, generator=g, dtype=DOUBLE))
+    refined = torch.randn(2, 257, generator=g, dtype=DOUBLE)
+    scale = torch.ones(257, dtype=DOUBLE)
+    without, plain = losses.autoencoder_loss(target, rendered, mask, region, **kw)
+    total, terms = losses.autoencoder_loss(target, rendered, mask, region, **kw,
+                                           distill=(theta, refined, scale),
+                                           lambda_distill=lambda_distill)
+    assert "L_distill" not in plain and list(terms)[-1] == "L_distill"
+    assert terms["L_distill"] == losses.distillation_loss(theta, refined, scale)
+    assert total.item() == pytest.approx((without + lambda_distill * terms["L_distill"]).item(),
+                                         rel=1e-12, abs=1e-12)
