@@ -51,8 +51,9 @@ ORACLE_NOISE_SEED = 9_000  # the oracle R's noise (training adds the step, evalu
 class Config:
     """Every setting of a run. The field defaults are not a preset: they keep the paper's loss
     weights and thresholds on a laptop's networks, images and schedule. The `cpu` preset
-    (`PRESETS`, the default of `make_config` and of train.py) changes five of them (eta_area,
-    eta_bin, pixel_form, lambda_lm, train_occluded), `tiny` shrinks everything for tests, and
+    (`PRESETS`, the default of `make_config` and of train.py) refines R by fitting steps,
+    shortens the schedule of the refined steps and changes three more (pixel_form, lambda_lm,
+    train_occluded), `tiny` shrinks everything for tests, and
     `paper` restores the paper's sizes and schedule."""
     # data
     data: str = "synthetic"  # "synthetic" or a folder of images + landmarks.csv (Sec. 4.1)
@@ -136,11 +137,13 @@ PRESETS = {
                  em_steps=6, em_cycle=3, em_ae_steps=2, prior_steps=3, prior_samples=4,
                  eta_area=4.0, eta_bin=1.0, log_every=1, checkpoint_every=2, figure_every=3,
                  preview=2, threads=1),
-    # the default: meaningful on a 2-core CPU (the dataclass defaults) with re-balanced eta
-    # (d* = eta_area / eta_nbr on the squared RGB residual; measured in README), the official
-    # unsquared L_pixel and lambda_lm re-balanced for it at 64 x 64 (docs/levers.md), and half
-    # of the training faces occluded
-    "cpu": dict(eta_area=4.0, eta_bin=1.0, pixel_form="official", lambda_lm=2e-3,
+    # the default: meaningful on a 2-core CPU (the dataclass defaults, so the paper's eta) with
+    # R refined by 30 landmark + 30 fitting steps wherever S looks at it (fit.refine: the
+    # encoder alone does not fit at this budget), a shorter schedule for the refined steps, the
+    # official unsquared L_pixel and lambda_lm re-balanced for it at 64 x 64, and half of the
+    # training faces occluded (docs/levers.md)
+    "cpu": dict(refine_steps=30, refine_landmark_steps=30, init_seg_steps=200, em_steps=900,
+                em_cycle=300, em_ae_steps=150, pixel_form="official", lambda_lm=2e-3,
                 train_occluded=0.5),
     # the published schedule (Supp. A.2) on the paper's networks and F
     "paper": dict(image_size=224, batch_size=12, encoder_width=64, unet_width=64,

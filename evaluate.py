@@ -325,17 +325,16 @@ def test_sets(face_model, size: int, count: int, *, seed: int = EVAL_SEED,
 # ----------------------------------------------------------------------------------------------
 
 def oracle_xi(method: Method, sets: Dict[str, dict], models, *, device: str = "cpu",
-              grid=tuple(np.geomspace(0.002, 2.0, 31))) -> float:
+              grid=tuple(np.geomspace(0.002, 2.0, 31)), renders: Optional[dict] = None) -> float:
     """The threshold xi of M_pre (Eq. 10) with the best mean F1 over all test faces, for the
     method's R (`r_output`): the ceiling of any mask that thresholds this R's colour residual.
     It is chosen on the test faces themselves (an oracle), so it is a diagnostic, not a
     method."""
-    cfg, autoencoder, segmenter = models
     scores = {xi: [] for xi in grid}
-    for faces in sets.values():
+    for subset, faces in sets.items():
         for first in range(0, faces["image"].shape[0], 32):
             part = {k: v[first:first + 32].to(device) for k, v in faces.items()}
-            out = r_output(method, part, autoencoder, segmenter, cfg)
+            out, _ = cached_r_output(method, part, models, renders, (subset, first))
             for xi in grid:
                 mask = losses.preliminary_mask(part["image"], out.image, out.region, xi=xi)
                 scores[xi].append(segmentation_scores(mask, part["visible_face"],
@@ -365,12 +364,31 @@ def r_output(method: Method, faces: dict, autoencoder, segmenter, cfg) -> focus.
                       segmenter=segmenter if mode == "segmenter" else None, xi=cfg.xi)
 
 
-def predict(method: Method, faces: dict, autoencoder, segmenter, cfg,
-            skin_model: Optional[SkinColourModel], xi: Optional[float] = None) -> dict:
-    """The method's reconstruction of a batch of test faces (`r_output`) and its face mask
-    (None without one); `xi` replaces cfg.xi for the "oracle" mask."""
-    images = faces["image"]
+def cached_r_output(method: Method, faces: dict, models, renders: Optional[dict],
+                    where: tuple) -> tuple:
+    """(`r_output`, seconds it took) of a batch, kept in `renders` (None: not kept) under the
+    R it is (run, checkpoint, kind of R, refinement's mask) and `where` (subset, first index):
+    the rows that share an R refine it once."""
+    cfg, autoencoder, segmenter = models
+    key = (method.run_dir, method.stage, method.r,
+           method.mask == "preliminary" and method.r == "refined", *where)
+    if renders is not None and key in renders:
+        return renders[key]
+    tic = time.perf_counter()
     out = r_output(method, faces, autoencoder, segmenter, cfg)
+    result = (out, time.perf_counter() - tic)
+    if renders is not None:
+        renders[key] = result
+    return result
+
+
+def predict(method: Method, faces: dict, autoencoder, segmenter, cfg,
+            skin_model: Optional[SkinColourModel], xi: Optional[float] = None,
+            out: Optional[focus.AutoencoderOutput] = None) -> dict:
+    """The method's reconstruction of a batch of test faces (`r_output`, or `out` when given)
+    and its face mask (None without one); `xi` replaces cfg.xi for the "oracle" mask."""
+    images = faces["image"]
+    out = r_output(method, faces, autoencoder, segmenter, cfg) if out is None else out
     with torch.no_grad(), focus.eval_mode(autoencoder, segmenter):
         mask = None
         if method.mask == "segmenter":
@@ -413,8 +431,9 @@ def metric_rows(pred: dict, faces: dict, *, prior: Optional[torch.Tensor] = None
 
 def evaluate_method(method: Method, sets: Dict[str, dict], *, prior: Optional[torch.Tensor],
                     skin_model: Optional[SkinColourModel], device: str = "cpu",
-                    batch_size: int = 32, models=None) -> dict:
-    """Per-image metrics of one method on every subset.
+                    batch_size: int = 32, models=None, renders: Optional[dict] = None) -> dict:
+    """Per-image metrics of one method on every subset (R's renders kept in `renders` for the
+    next row of the same R, `cached_r_output`).
 
     Returns:
         {subset: {"rmse": (n,), "shape": (n,) mean vertex error per image, "shape_vertices":
@@ -425,16 +444,18 @@ def evaluate_method(method: Method, sets: Dict[str, dict], *, prior: Optional[to
                                                               device=device)
     results, seconds, images_seen = {}, 0.0, 0
     models = (cfg, autoencoder, segmenter)
-    xi = oracle_xi(method, sets, models, device=device) if method.mask == "oracle" else None
+    xi = (oracle_xi(method, sets, models, device=device, renders=renders)
+          if method.mask == "oracle" else None)
     warm = {k: v[:2].to(device) for k, v in next(iter(sets.values())).items()}
     predict(method, warm, autoencoder, segmenter, cfg, skin_model, xi)  # builds cached mesh data
     for subset, faces in sets.items():
         per = {}
         for first in range(0, faces["image"].shape[0], batch_size):
             part = {k: v[first:first + batch_size].to(device) for k, v in faces.items()}
+            out, r_seconds = cached_r_output(method, part, models, renders, (subset, first))
             tic = time.perf_counter()
-            pred = predict(method, part, autoencoder, segmenter, cfg, skin_model, xi)
-            seconds += time.perf_counter() - tic
+            pred = predict(method, part, autoencoder, segmenter, cfg, skin_model, xi, out=out)
+            seconds += r_seconds + time.perf_counter() - tic
             images_seen += part["image"].shape[0]
             rows = metric_rows(pred, part, prior=prior)
             for name, value in rows.items():
@@ -679,11 +700,11 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
     skin_model = (fit_skin_model(face_model, reference.image_size)
                   if any(m.mask == "skin" for m in methods) else None)
     models = model_cache(device)
-    rows, tests, occluded_rmse = {}, {}, {}
+    rows, tests, occluded_rmse, renders = {}, {}, {}, {}
     for method in methods:
         print(f"  {method.label:<14} {method.run_dir} ({method.stage}, R {method.r})", flush=True)
         raw = evaluate_method(method, sets, prior=prior, skin_model=skin_model, device=device,
-                              models=models(method))
+                              models=models(method), renders=renders)
         rows[method.label] = summarize(raw)
         if method.label in ("MoFA", "FOCUS"):
             occluded_rmse[method.label] = pooled(raw, [s for s in OCCLUDED if s in raw], "rmse")

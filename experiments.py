@@ -22,12 +22,18 @@ skipped and one interrupted is continued with `--resume`, so rerunning this scri
 crash or Ctrl-C loses at most the steps since the last checkpoint. `--jobs 2` runs two stages at
 once with one torch thread each (the default on a 2-core machine).
 
+The oracle R (`--group oracle`, docs/levers.md): S alone on each training face's own theta
+with noise 0, 0.25, 0.5 and 1 standard deviations on identity, expression and albedo, with the
+paper's eta and with the re-balanced eta the one-pass R needed (runs/cpu-oracle-NOISE-ETA).
+Their rows join the tables, and evaluate.py draws results/oracle.png: mask F1 against R's
+image RMSE, with the FOCUS run's R marked in one forward pass and refined.
+
 Supp. Fig. 4 (`--group sweep`): EM runs of `SWEEP_EM_STEPS` steps from the FOCUS init that
 change one of eta_area, eta_bin (x 0.5 and x 2), plus a reference run of the same
 length; `python evaluate.py sweep` plots mask F1 against each eta.
 
 Run: `python experiments.py` (then the tables are in results/); `python experiments.py --group
-sweep`; `python experiments.py --help`.
+oracle`; `python experiments.py --group sweep`; `python experiments.py --help`.
 """
 import argparse
 import os
@@ -72,13 +78,14 @@ SWEEP_EXPERIMENTS = (
       for name, values in SWEEP.items() for value in values),
 )
 # the oracle R (docs/levers.md): S alone on each face's own theta with noise, with the paper's
-# eta and the `cpu` preset's, 200 pre-training + 400 L_S steps (4 EM rounds of 100 S steps)
+# eta and the one-pass R's re-balanced eta, 100 pre-training + 200 L_S steps (2 EM rounds of
+# 100 S steps)
 ORACLE_NOISE = (0.0, 0.25, 0.5, 1.0)
-ORACLE_ETA = {"paper": (0.5, 10.0), "cpu": (4.0, 1.0)}
+ORACLE_ETA = {"paper": (0.5, 10.0), "rebalanced": (4.0, 1.0)}
 ORACLE_EXPERIMENTS = tuple(
     Experiment(f"oracle-{noise:g}-{eta}", ("--r-source", "oracle", "--oracle-noise", str(noise),
                                           "--eta-area", str(area), "--eta-bin", str(binary),
-                                          "--init-seg-steps", "200", "--em-steps", "2400",
+                                          "--init-seg-steps", "100", "--em-steps", "1200",
                                           "--em-cycle", "600", "--em-ae-steps", "500"),
                ("init", "em"))
     for eta, (area, binary) in ORACLE_ETA.items() for noise in ORACLE_NOISE)

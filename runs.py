@@ -31,8 +31,8 @@ import focus
 from config import Config, has_segmenter
 
 LOG_FIELDS = ("stage", "step", "phase", "loss", "L_pixel", "L_per", "L_lm", "L_reg", "L_mono",
-              "L_distill", "L_nbr", "L_dist", "L_area", "L_presv", "L_bin", "L_bce", "kept", "rmse_heldout",
-              "lr", "s_per_step")
+              "L_distill", "L_nbr", "L_dist", "L_area", "L_presv", "L_bin", "L_bce", "kept",
+              "rmse_heldout", "lr", "s_per_step")
 
 
 class RunError(RuntimeError):

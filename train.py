@@ -48,16 +48,23 @@ Deviations from the paper (docs/deviations.md lists them all):
   images with Adam, for a few thousand steps, and without the perceptual network F: dlib's F
   crops every face to 150 x 150, which costs about 4 s per forward + backward of a batch of 16
   on 2 CPU cores (the segmenter step needs two of them), so `cpu` trains the paper's 'Neighbor'
-  ablation (Sec. 4.4). Its segmenter weights are re-balanced, eta_area 0.5 -> 4 and eta_bin
-  10 -> 1: with L_nbr and L_area per rendered pixel a pixel is kept when its neighbour
-  residual (squared RGB distance) is below eta_area / eta_nbr, 1/30 with the paper's weights,
-  which rejects about half of the visible face of an early 64 x 64 fit (median residual 0.03,
-  90th percentile 0.2), and eta_bin = 10 pushes every pixel below 0.5 to 0 (a collapse
-  measured here too). `cpu` also takes the official code's unsquared L_pixel (the form the
+  ablation (Sec. 4.4). `cpu` also takes the official code's unsquared L_pixel (the form the
   paper's weights were tuned with) with lambda_3 = 2e-3 (L_lm is in squared pixels): with the
   paper's squared distance the landmark term outweighed the pixel term about thirty-fold and R
   learned little but the landmarks (docs/levers.md), and half of its training faces are
   occluded (`train_occluded`).
+- R refined (`refine_steps`, `refine_landmark_steps`; `r_render`): at the `cpu` budget the
+  encoder predicts pose and light but the mean identity, expression and albedo, so its
+  residual is mostly misfit and S learns nothing from it. The `cpu` preset refines the
+  encoder's estimate by 30 landmark + 30 fitting steps (`fit.refine`) wherever S looks at R:
+  S's pre-training on M_pre, its L_S phase, and the mask of R's em phase. The encoder itself
+  still trains on its own one-pass render with the paper's L_R (plus L_distill towards the
+  refined theta when `lambda_distill` > 0, not in the paper). With this R the paper's eta
+  (0.5, 10) work; the one-pass R needed them re-balanced (eta_area 4, eta_bin 1). 0 steps is
+  the paper's one forward pass (docs/levers.md, fifth round).
+- The oracle R (`r_source` "oracle", `oracle_noise`): each training face's own theta, with
+  noise on identity, expression and albedo; only S trains (init: its pre-training, em: its
+  L_S phases). Not a method: it measures how well R must fit for S to learn outliers.
 - An optional white-light prior L_mono (`lambda_mono`, Deep3D's; not in the paper, 0 by
   default) keeps the light from tinting the face with an occluder's colour.
 - EM order: segmenter phase first in every cycle (Sec. 3.2 describes S first; the official code
@@ -95,8 +102,8 @@ import losses
 import perceptual
 import runs
 from config import (HELDOUT_FACES, HELDOUT_SEED, ORACLE_NOISE_SEED, PRESETS, PREVIEW_SEED,
-                    PRIOR_EVAL_SEED, PRIOR_TRAIN_SEED, SEGMENTER_LOSSES, STAGE_SALT, STAGES, VARIANTS, Config,
-                    has_segmenter, make_config, parse_overrides)
+                    PRIOR_EVAL_SEED, PRIOR_TRAIN_SEED, SEGMENTER_LOSSES, STAGE_SALT, STAGES,
+                    VARIANTS, Config, has_segmenter, make_config, parse_overrides)
 from runs import RunError
 
 
@@ -310,7 +317,8 @@ def r_render(batch: dict, autoencoder, segmenter, cfg: Config, *, stage: str,
     - `refine_steps` K > 0: the encoder's estimate refined by K fitting steps of L_R
       (`fit.refine`), the pixel term masked as the stage masks it: M_pre in init, S's mask in
       em. A CPU-scale deviation from the paper's one forward pass, in the spirit of
-      analysis-by-synthesis: the encoder alone does not fit at this budget.
+      analysis-by-synthesis: the encoder alone does not fit at this budget. S's phases (its
+      pre-training on M_pre, its L_S) and the mask of R's em phase use it.
     - otherwise the encoder's one forward pass (the paper).
     """
     images = batch["image"]
@@ -327,10 +335,13 @@ def r_render(batch: dict, autoencoder, segmenter, cfg: Config, *, stage: str,
                       segmenter=segmenter if with_s else None, xi=cfg.xi)
 
 
-def uses_r_render(cfg: Config) -> bool:
-    """Whether R's own phase takes its mask from `r_render` (a refined R) rather than from the
-    encoder's own render (the paper, and the baselines, which have no mask to refine with)."""
-    return cfg.variant == "focus" and (cfg.refine_steps > 0 or cfg.refine_landmark_steps > 0)
+def uses_r_render(cfg: Config, stage: str = "em") -> bool:
+    """Whether R's own phase in `stage` takes its mask from `r_render` (a refined R): in em,
+    where the mask is S's, which S learnt on refined renders. The init stage's M_pre and the
+    baselines (no segmenter) take the encoder's own render, as the paper does; so the init's
+    thousands of autoencoder steps stay one forward pass each."""
+    return (stage == "em" and cfg.variant == "focus"
+            and (cfg.refine_steps > 0 or cfg.refine_landmark_steps > 0))
 
 
 def face_mask(stage: str, batch: dict, out, segmenter, cfg: Config, *,
@@ -366,7 +377,7 @@ def autoencoder_phase_loss(stage: str, batch: dict, autoencoder, segmenter, F, c
     """
     images, lm_target = batch["image"], batch["landmarks"]
     reference = None
-    if uses_r_render(cfg) and stage != "prior":
+    if uses_r_render(cfg, stage):
         reference = r_render(batch, autoencoder, segmenter, cfg, stage=stage, step=step)
     out = autoencoder(images)
     mask = face_mask(stage, batch, out, segmenter, cfg, reference=reference)  # (B, 1, H, W)
@@ -478,7 +489,7 @@ def progress_line(stage: str, step: int, total: int, phase: str, logs: dict,
 def preview_outputs(preview: dict, autoencoder, segmenter, cfg: Config, stage: str):
     """Reconstruction and mask of the preview faces (eval mode, no gradient), on R's render as
     S sees it (`r_render`: refined or oracle) where the run uses one."""
-    if stage != "prior" and (cfg.r_source == "oracle" or uses_r_render(cfg)):
+    if stage != "prior" and (cfg.r_source == "oracle" or uses_r_render(cfg, "em")):
         out = r_render(preview, autoencoder, segmenter, cfg, stage=stage)
         mask = out.region  # (B, 1, H, W)
         if stage == "em":
@@ -723,7 +734,9 @@ def run(stage: str, run_dir: str, cfg: Optional[Config], *, resume: bool = False
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     face_model = face_models.load_face_model(cfg.face_model).to(torch.device(cfg.device))
-    stages = STAGES if stage == "all" else (stage,)
+    # "all": every stage that applies (the oracle R has no encoder for a misfit prior)
+    stages = (tuple(s for s in STAGES if s != "prior" or cfg.r_source != "oracle")
+              if stage == "all" else (stage,))
     for name in (s for s in stages if not (init_from is not None and s == "init")):
         path = runs.checkpoint_path(run_dir, name)
         if stage == "all" and resume and not os.path.exists(path):

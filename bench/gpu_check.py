@@ -224,7 +224,10 @@ def loss_inputs(B: int, S: int) -> dict:
             "albedo": torch.randn(B, 80, generator=g),
             "sh": 0.3 * torch.randn(B, 27, generator=g),
             "sh_mean": 0.1 * torch.randn(27, generator=g),
-            "sh_std": 0.5 + torch.rand(27, generator=g)}
+            "sh_std": 0.5 + torch.rand(27, generator=g),
+            "theta": torch.randn(B, 257, generator=g),
+            "theta_refined": torch.randn(B, 257, generator=g),
+            "theta_step": 1.0 + 9.0 * torch.rand(257, generator=g)}
 
 
 def pooled(images: torch.Tensor) -> torch.Tensor:
@@ -254,6 +257,8 @@ LOSSES: dict[str, Callable[[dict], torch.Tensor]] = {
     "L_reg": lambda x: losses.regularization(x["id"], x["exp"], x["albedo"]),
     "L_mono": lambda x: losses.light_colour_loss(x["sh"]),
     "L_light": lambda x: losses.light_prior_loss(x["sh"], x["sh_mean"], x["sh_std"]),
+    "L_distill": lambda x: losses.distillation_loss(x["theta"], x["theta_refined"],
+                                                    x["theta_step"]),
     "L_S (Sec. 3.2)": lambda x: losses.segmenter_loss(
         x["target"], x["rendered"], x["mask"], x["region"], features=pooled)[0],
     "L_R (Eq. 8)": lambda x: losses.autoencoder_loss(

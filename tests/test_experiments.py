@@ -58,3 +58,14 @@ def test_rerunning_a_finished_stage_says_so(tmp_path):
     train.run("init", run_dir, config.make_config("tiny"))
     with pytest.raises(runs.RunError, match="already finished"):
         train.run("init", run_dir, None)
+
+
+def test_oracle_group_covers_every_noise_and_eta_with_valid_options():
+    group = experiments.GROUPS["oracle"]
+    assert len({e.name for e in group}) == len(experiments.ORACLE_NOISE) * len(
+        experiments.ORACLE_ETA) == len(group)
+    for experiment in group:
+        cfg = config.make_config("cpu", **config.parse_overrides(list(experiment.options)))
+        assert cfg.r_source == "oracle" and experiment.stages == ("init", "em")
+        assert (cfg.eta_area, cfg.eta_bin) in experiments.ORACLE_ETA.values()
+        assert train.stage_steps("init", cfg) == 100 and train.stage_steps("em", cfg) == 200

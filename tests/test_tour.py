@@ -74,5 +74,5 @@ def test_every_tour_command_runs(tmp_path, monkeypatch):
     for path in ("out/tour/faces.png", "out/tour/robust-scarf/mask.png",
                  "results/tour-fitting/fitting.md", "runs/cpu/misfit_prior.pt",
                  "results/tour-prior/misfit_prior.png", "results/tour-hands/qualitative.png",
-                 "results/tour-baseline/tables.md", "runs/tour-paper-eta/figures/em_progress.png"):
+                 "results/tour-baseline/tables.md", "results/tour-oracle/oracle.png"):
         assert os.path.exists(path), path
