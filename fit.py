@@ -50,6 +50,19 @@ import runs
 from config import FIT_SAMPLE_SEED, Config
 
 MODES = ("plain", "robust", "segmenter")
+# The robust mode's named settings (`fit.py --robust NAME`): keywords of `fit`.
+# - "photo", the default of `fit.py` on an image file and of `photos.py`, measured on two real
+#   photos (docs/photos.md): a fitting threshold between the paper's 0.17 and the official
+#   code's 0.0166, at least half of the face kept while colour and light are still off,
+#   Deep3D's white-light prior and a prior over the light's brightness and direction (no
+#   tinted or darkened light explains a scarf), and a returned mask at twice the fitting
+#   threshold (fewer false outliers on the clean photos, the same scarves and sunglasses).
+# - "paper": the paper's M_pre threshold after Egger et al. (Eq. 10, xi = 0.17), no floor,
+#   no light prior: `fit`'s own defaults. On the photos it finds almost none of the scarves.
+ROBUST_SETTINGS = {
+    "photo": dict(xi=0.04, xi_final=0.08, keep_at_least=0.5, lambda_mono=10.0, lambda_light=0.1),
+    "paper": dict(xi=0.17, xi_final=None, keep_at_least=0.0, lambda_mono=0.0, lambda_light=0.0),
+}
 # lambda_1 and lambda_3 of Eq. 8: the paper's, as `config.Config` holds them
 LAMBDA_PIXEL, LAMBDA_LM = Config.lambda_pixel, Config.lambda_lm
 
@@ -72,6 +85,14 @@ class FitResult(NamedTuple):
     snapshots: list  # (step, (B, 3, H, W) render composited over the target) for a strip
 
 
+def robust_settings(name: str, **explicit) -> dict:
+    """The keywords of `fit` for the named robust setting `ROBUST_SETTINGS[name]`, with each
+    value of `explicit` that is not None in its place (options given on a command line)."""
+    if name not in ROBUST_SETTINGS:
+        raise ValueError(f"robust setting must be one of {sorted(ROBUST_SETTINGS)}, got {name!r}")
+    return {**ROBUST_SETTINGS[name], **{k: v for k, v in explicit.items() if v is not None}}
+
+
 def render_theta(theta: torch.Tensor, model: bfm.MorphableModel, *, height: int, width: int,
                  adjacency: Optional[renderer.Adjacency] = None) -> focus.AutoencoderOutput:
     """I_R = R(theta) for theta (B, 257): R's own decoder, `focus.decode`."""
@@ -82,7 +103,8 @@ def render_theta(theta: torch.Tensor, model: bfm.MorphableModel, *, height: int,
 def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel, *,
         mode: str = "plain", steps: int = 300, landmark_steps: int = 100, lr: float = 0.03,
         mask_every: int = 10, xi: float = 0.17, xi_start: Optional[float] = None,
-        keep_at_least: float = 0.0, lambda_reg: float = 0.01, lambda_mono: float = 0.0,
+        xi_final: Optional[float] = None, keep_at_least: float = 0.0, lambda_reg: float = 0.01,
+        lambda_mono: float = 0.0,
         lambda_light: float = 0.0, segmenter: Optional[torch.nn.Module] = None,
         features: Optional[Callable] = None, init: Optional[torch.Tensor] = None,
         snapshot_every: int = 0, callback: Optional[Callable[[dict], None]] = None) -> FitResult:
@@ -96,8 +118,9 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
             regularisation only (pose, identity and expression from the 68 points).
         lr, mask_every: Adam's learning rate on theta / `theta_step`; re-estimate the mask
             every this many steps (robust, segmenter).
-        xi, xi_start, keep_at_least: the robust mask's threshold (Eq. 10), its stricter first
-            value (`relaxed_xi`), and the least share of the face it keeps (`estimate_mask`).
+        xi, xi_start, xi_final, keep_at_least: the robust mask's threshold (Eq. 10), its
+            stricter first value (`relaxed_xi`), that of the mask returned (None: xi), and the
+            least share of the face the masks keep while fitting (`decoder_and_e_step`).
         lambda_reg: weight of L_reg (lambda_4; 0.01, not the paper's 0.1: module docstring).
         lambda_mono, lambda_light: weights of the white-light prior L_mono (Deep3D's: no tinted
             light explains a coloured occluder) and of the light prior L_light (`light_prior`:
@@ -109,11 +132,12 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
     """
     _check_fit(image, landmarks, mode=mode, segmenter=segmenter, steps=steps,
                landmark_steps=landmark_steps, mask_every=mask_every, xi=xi, xi_start=xi_start,
-               keep_at_least=keep_at_least, lambda_mono=lambda_mono, lambda_light=lambda_light)
+               xi_final=xi_final, keep_at_least=keep_at_least, lambda_mono=lambda_mono,
+               lambda_light=lambda_light)
     model = model.to(device=image.device)
     draw, e_step = decoder_and_e_step(image, model, mode=mode, steps=steps, xi=xi,
-                                      xi_start=xi_start, keep_at_least=keep_at_least,
-                                      segmenter=segmenter)
+                                      xi_start=xi_start, xi_final=xi_final,
+                                      keep_at_least=keep_at_least, segmenter=segmenter)
     step_scale = theta_step(image.dtype, image.device)  # (257,)
     start = torch.zeros(image.shape[0], step_scale.numel()) if init is None else init
     free = (start.to(image) / step_scale).detach().requires_grad_(True)  # (B, 257)
@@ -211,17 +235,27 @@ def refine(images: torch.Tensor, landmarks: torch.Tensor, autoencoder: focus.Fac
 
 
 def decoder_and_e_step(image: torch.Tensor, model: bfm.MorphableModel, *, mode: str, steps: int,
-                       xi: float, xi_start: Optional[float], keep_at_least: float,
-                       segmenter: Optional[torch.nn.Module]):
+                       xi: float, xi_start: Optional[float], xi_final: Optional[float],
+                       keep_at_least: float, segmenter: Optional[torch.nn.Module]):
     """`fit`'s two functions of the current fit: draw(theta) -> the render at the image's size
-    (`render_theta`), and e_step(k, render) -> the mask M at full-loss step k (threshold
-    `relaxed_xi`; k None: the final mask at `xi`, `estimate_mask`)."""
+    (`render_theta`), and e_step(k, render) -> the mask M at full-loss step k (`estimate_mask`
+    at `relaxed_xi`, keeping at least `keep_at_least`).
+
+    k None: the mask `fit` returns, at `xi_final` (None: xi) and without the floor. The
+    fitting mask is strict so that no occluder pulls the fit; the returned mask calls a pixel
+    an outlier only where the converged fit misses it by more than `xi_final`, and the floor
+    is for the first steps, while colour and light are still off (docs/photos.md)."""
     H, W = image.shape[-2:]
     adjacency = renderer.vertex_adjacency(model.triangles, model.num_vertices)
     draw = lambda theta: render_theta(theta, model, height=H, width=W, adjacency=adjacency)
-    e_step = lambda k, out: estimate_mask(  # at robust step k; None: the final mask
-        image, out, mode=mode, segmenter=segmenter, keep_at_least=keep_at_least,
-        xi=xi if k is None else relaxed_xi(k, steps, xi=xi, xi_start=xi_start))
+    final_xi = xi if xi_final is None else xi_final
+
+    def e_step(k: Optional[int], out) -> torch.Tensor:
+        if k is None:  # the returned mask
+            return estimate_mask(image, out, mode=mode, segmenter=segmenter, xi=final_xi)
+        return estimate_mask(image, out, mode=mode, segmenter=segmenter,
+                             keep_at_least=keep_at_least,
+                             xi=relaxed_xi(k, steps, xi=xi, xi_start=xi_start))
     return draw, e_step
 
 
@@ -251,7 +285,7 @@ def fit_step(k: int, theta: torch.Tensor, mask: torch.Tensor, optimizer, *, imag
 
 
 def _check_fit(image, landmarks, *, mode, segmenter, steps, landmark_steps, mask_every, xi,
-               xi_start, keep_at_least, lambda_mono, lambda_light) -> None:
+               xi_start, xi_final, keep_at_least, lambda_mono, lambda_light) -> None:
     """Raise ValueError naming the first argument of `fit` that cannot work."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -264,8 +298,10 @@ def _check_fit(image, landmarks, *, mode, segmenter, steps, landmark_steps, mask
                          f"{tuple(landmarks.shape)}")
     if steps < 0 or landmark_steps < 0 or mask_every < 1:
         raise ValueError("steps and landmark_steps must be >= 0, mask_every >= 1")
-    if lambda_mono < 0 or lambda_light < 0 or xi <= 0 or (xi_start is not None and xi_start <= 0):
-        raise ValueError("lambda_mono and lambda_light must be >= 0, xi and xi_start > 0")
+    thresholds = [x for x in (xi, xi_start, xi_final) if x is not None]
+    if lambda_mono < 0 or lambda_light < 0 or min(thresholds) <= 0:
+        raise ValueError("lambda_mono and lambda_light must be >= 0, xi, xi_start and xi_final "
+                         "> 0")
     if not 0 <= keep_at_least < 1:
         raise ValueError(f"keep_at_least is a share in [0, 1), got {keep_at_least}")
 
@@ -442,22 +478,36 @@ def build_parser() -> argparse.ArgumentParser:
                         help="needed by --mode segmenter: a train.py run whose finished 'em' stage "
                              "gives the segmenter; its image_size and face_model replace --size "
                              "and --face-model")
+    parser.add_argument("--robust", choices=sorted(ROBUST_SETTINGS),
+                        help="--mode robust: the named settings (fit.ROBUST_SETTINGS) that the "
+                             "options below override. 'photo' (default for an image file): "
+                             "measured on real photos (docs/photos.md), where the paper's setting "
+                             "finds almost no scarf; xi 0.04, xi-final 0.08, keep-at-least 0.5, "
+                             "lambda-mono 10, lambda-light 0.1. 'paper' (default for a sample "
+                             "index, where it fits as well): the paper's threshold after Egger "
+                             "et al., xi 0.17, no floor, no light prior")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--landmark-steps", type=int, default=100)
-    parser.add_argument("--xi", type=float, default=0.17,
-                        help="M_pre threshold of --mode robust (Eq. 10; official code 0.0166)")
+    parser.add_argument("--xi", type=float,
+                        help="robust mode: the M_pre threshold while fitting (Eq. 10; paper 0.17, "
+                             "official code 0.0166); default: the --robust setting's")
+    parser.add_argument("--xi-final", type=float,
+                        help="robust mode: the threshold of the mask the fit returns (default: "
+                             "the --robust setting's; none: --xi)")
     parser.add_argument("--mask-every", type=int, default=10,
                         help="re-estimate the mask every this many steps (robust, segmenter)")
     parser.add_argument("--lambda-reg", type=float, default=0.01,
                         help="weight of L_reg (lambda_4; the paper trains networks with 0.1)")
-    parser.add_argument("--lambda-mono", type=float, default=0.0,
-                        help="weight of the white-light prior L_mono (Deep3D's; 0: off)")
-    parser.add_argument("--lambda-light", type=float, default=0.0,
+    parser.add_argument("--lambda-mono", type=float,
+                        help="weight of the white-light prior L_mono (Deep3D's; 0: off); "
+                             "default: the --robust setting's in robust mode, else 0")
+    parser.add_argument("--lambda-light", type=float,
                         help="weight of the light prior L_light (the synthetic faces' lights; "
-                             "0: off)")
-    parser.add_argument("--keep-at-least", type=float, default=0.0,
-                        help="robust mode: keep at least this share of the face region (its "
-                             "best-fitting pixels) whatever --xi says")
+                             "0: off); default: the --robust setting's in robust mode, else 0")
+    parser.add_argument("--keep-at-least", type=float,
+                        help="robust mode: while fitting, keep at least this share of the face "
+                             "region (its best-fitting pixels) whatever --xi says; default: the "
+                             "--robust setting's")
     parser.add_argument("--xi-start", type=float,
                         help="robust mode: a stricter first M_pre threshold, relaxed to --xi "
                              "over the first half of the steps")
@@ -509,21 +559,39 @@ def main(argv=None) -> FitResult:
         model = face_models.load_face_model(args.face_model)  # after the file checks: slow
     if args.steps < 0 or args.landmark_steps < 0 or args.mask_every < 1 or args.size < 16:
         parser.error("--steps and --landmark-steps must be >= 0, --mask-every >= 1, --size >= 16")
-    if min(args.lambda_mono, args.lambda_light) < 0 or args.xi <= 0 or (
-            args.xi_start is not None and args.xi_start <= 0):
-        parser.error("--lambda-mono and --lambda-light must be >= 0, --xi and --xi-start > 0")
+    settings = mask_and_light_settings(args, parser, sample_index=sample_index)
     result = fit(image, landmarks, model, mode=args.mode, steps=args.steps,
-                 landmark_steps=args.landmark_steps, segmenter=segmenter, xi=args.xi,
-                 mask_every=args.mask_every, lambda_reg=args.lambda_reg,
-                 lambda_mono=args.lambda_mono, lambda_light=args.lambda_light,
-                 xi_start=args.xi_start,
-                 keep_at_least=args.keep_at_least,
+                 landmark_steps=args.landmark_steps, segmenter=segmenter,
+                 mask_every=args.mask_every, lambda_reg=args.lambda_reg, **settings,
                  snapshot_every=max(1, (args.steps + args.landmark_steps) // 8),
                  callback=lambda row: print(
                      f"step {row['step']:4d} {row['stage']:9s} L_R {row['L_R']:.4f} "
                      f"kept {row['kept']:.2f}") if row["step"] % 50 == 0 else None)
     write_outputs(args.out, result, image, model)
     return result
+
+
+def mask_and_light_settings(args, parser, *, sample_index: bool) -> dict:
+    """`fit`'s keywords of the robust mask and the light priors from the command line: the
+    named `--robust` setting in robust mode ("photo" for an image file, "paper" for a sample
+    index), `fit`'s own defaults in the other modes, each option given in its place."""
+    if args.robust is not None and args.mode != "robust":
+        parser.error(f"--robust names the settings of --mode robust; drop it for "
+                     f"--mode {args.mode}")
+    name = args.robust or ("paper" if sample_index else "photo")
+    settings = robust_settings(
+        name if args.mode == "robust" else "paper", xi=args.xi, xi_start=args.xi_start,
+        xi_final=args.xi_final, keep_at_least=args.keep_at_least,
+        lambda_mono=args.lambda_mono, lambda_light=args.lambda_light)
+    thresholds = [settings[k] for k in ("xi", "xi_start", "xi_final") if settings.get(k) is not None]
+    if min(settings["lambda_mono"], settings["lambda_light"]) < 0 or min(thresholds) <= 0:
+        parser.error("--lambda-mono and --lambda-light must be >= 0, --xi, --xi-start and "
+                     "--xi-final > 0")
+    if not 0 <= settings["keep_at_least"] < 1:
+        parser.error(f"--keep-at-least is a share in [0, 1), got {settings['keep_at_least']}")
+    if args.mode == "robust":
+        print(f"robust setting {name!r}: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
+    return settings
 
 
 def write_outputs(out: str, result: FitResult, image: torch.Tensor, model) -> None:

@@ -19,6 +19,9 @@ then runs on the occluded photo. Measured per case:
 - the outlier IoU: the pixels of the fitted face region that the mode's mask calls outliers,
   against the occluder's pixels inside that region (1 = the mask finds exactly the occluder),
   leaving out what the same mode calls outliers on the clean photo (a hat, glasses);
+- the outlier share: the part of the fitted face region that the mask calls outliers. On the
+  clean photo these are false outliers as far as the occluders go: what the face model cannot
+  explain (real eyes, teeth, hair, a hat), and misfit;
 - the skin ratio: the fit's RMSE on the skin that stays visible (what the same mode keeps
   as face on the clean photo, minus the occluder) over the RMSE of that clean-photo fit on
   the same pixels (1 = the occluder did not pull the fit).
@@ -26,7 +29,8 @@ then runs on the occluded photo. Measured per case:
     python photos.py                      # both photos (the astronaut with scikit-image)
     python photos.py --run runs/cpu       # adds the FOCUS columns from a trained run
 
-Writes results/photos/photos.md, photos.json, photos.png and photos_summary.png (the
+Writes results/photos/photos.md (every case, then per mode the clean photos' outlier share
+and each occluder family's IoU), photos.json, photos.png and photos_summary.png (the
 astronaut, or the last photo, with one draw of each occluder).
 """
 import argparse
@@ -71,12 +75,9 @@ LANDMARKS = {
 }
 FAMILIES = ("scarf", "sunglasses", "hand")  # occluders pasted on every photo
 SEEDS = PHOTO_OCCLUDER_SEEDS  # draws of each occluder
-# robust fitting on these photos (docs/photos.md): a threshold between the paper's 0.17 and the
-# official code's 0.0166, at least half of the face kept while the colour is still off,
-# Deep3D's white-light prior, and a prior over the light's brightness and direction (the
-# synthetic faces' lights), so that no light darkens the face under a dark occluder; the plain
-# fit keeps the paper's loss
-ROBUST = dict(xi=0.04, keep_at_least=0.5, lambda_mono=10.0, lambda_light=0.1)
+# robust fitting on these photos: `fit.py`'s "photo" setting, chosen on them (docs/photos.md);
+# the plain fit keeps the paper's loss
+ROBUST = fit.ROBUST_SETTINGS["photo"]
 
 
 class PhotoError(RuntimeError):
@@ -129,6 +130,18 @@ def outlier_iou(mask: torch.Tensor, region: torch.Tensor, occluder: torch.Tensor
     outliers, truth = inside & (mask < 0.5), inside & (occluder > 0.5)
     union = (outliers | truth).sum().item()
     return (outliers & truth).sum().item() / union if union else float("nan")
+
+
+def outlier_share(mask: torch.Tensor, region: torch.Tensor) -> float:
+    """The share of the fitted face region (region > 0.5) that the mask calls outliers
+    (mask < 0.5); on a clean photo, what the mode cannot explain (eyes, teeth, hair, a hat).
+
+    Args:
+        mask, region: (1, 1, H, W); mask in [0, 1], region in {0, 1}.
+    """
+    inside = region > 0.5
+    count = inside.sum().item()
+    return (inside & (mask < 0.5)).sum().item() / count if count else float("nan")
 
 
 def skin_rmse(rendered: torch.Tensor, image: torch.Tensor, skin: torch.Tensor) -> float:
@@ -199,6 +212,7 @@ def score(result, case: Case, clean, clean_image: torch.Tensor) -> Dict[str, flo
     occluder = case.occluder * kept * result.rendered.region  # the occluder where it is scored
     return {"iou": outlier_iou(result.mask, result.rendered.region, case.occluder,
                                photo_outliers),
+            "outliers": outlier_share(result.mask, result.rendered.region),
             "skin_rmse": rmse, "skin_ratio": rmse / reference,
             "residual_auc": residual_auc(result.rendered.image, case.image, occluder,
                                          skin * result.rendered.region)}
@@ -293,16 +307,37 @@ def run(photos=("hopper", "astronaut"), *, size: int = 224, modes=("plain", "rob
 
 
 def markdown(scores: dict, modes) -> str:
-    """Per photo and case, each mode's outlier IoU, skin ratio and residual AUC, as a markdown
-    table."""
-    lines = ["| photo | case | " + " | ".join(f"{m}: IoU | {m}: skin ratio | {m}: residual AUC"
-                                             for m in modes)
-             + " |", "|---|---" + "|---:" * (3 * len(modes)) + "|"]
+    """Per photo and case, each mode's outlier IoU, outlier share (`outlier_share`; on the clean
+    photo, its false outliers), skin ratio and residual AUC, as a markdown table."""
+    columns = ("IoU", "outliers", "skin ratio", "residual AUC")
+    keys = ("iou", "outliers", "skin_ratio", "residual_auc")
+    lines = ["| photo | case | " + " | ".join(f"{m}: {c}" for m in modes for c in columns)
+             + " |", "|---|---" + "|---:" * (len(columns) * len(modes)) + "|"]
     for photo, cases in scores.items():
         for name, row in cases.items():
             lines.append(f"| {photo} | {name} | " + " | ".join(
-                f"{row[m]['iou']:.2f} | {row[m]['skin_ratio']:.2f} | {row[m]['residual_auc']:.2f}"
-                for m in modes) + " |")
+                f"{row[m][k]:.2f}" for m in modes for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(scores: dict, modes) -> str:
+    """Per mode: the share of each clean photo's face it calls outliers, and per occluder
+    family the range of the outlier IoU over every photo and draw, how many cases reach 0.6,
+    and the mean, as a markdown table."""
+    families = list(dict.fromkeys(name.rsplit("-", 1)[0] for cases in scores.values()
+                                  for name in cases if not name.startswith("clean")))
+    lines = ["| mode | clean outliers (" + ", ".join(scores) + ") | "
+             + " | ".join(f"{f} IoU" for f in families) + " |",
+             "|---|---" + "|---" * len(families) + "|"]
+    for m in modes:
+        clean = ", ".join(f"{cases['clean-0'][m]['outliers']:.2f}" for cases in scores.values())
+        cells = []
+        for family in families:
+            ious = np.array([row[m]["iou"] for cases in scores.values()
+                             for name, row in cases.items() if name.startswith(family + "-")])
+            cells.append(f"{ious.min():.2f}-{ious.max():.2f}, {(ious >= 0.6).sum()} of "
+                         f"{len(ious)} >= 0.6 (mean {ious.mean():.2f})")
+        lines.append(f"| {m} | {clean} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -326,19 +361,28 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS),
                         help="draws of each occluder")
     parser.add_argument("--face-model", default="toy", help="face_models.load_face_model spec of the fits")
-    parser.add_argument("--xi", type=float, default=ROBUST["xi"],
-                        help="robust mode: M_pre threshold (paper 0.17, official code 0.0166)")
+    parser.add_argument("--robust", choices=sorted(fit.ROBUST_SETTINGS), default="photo",
+                        help="robust mode: the named settings of fit.ROBUST_SETTINGS that the "
+                             "options below override ('photo' = ROBUST; 'paper': xi 0.17, no "
+                             "floor, no light prior)")
+    parser.add_argument("--xi", type=float,
+                        help="robust mode: M_pre threshold while fitting (paper 0.17, official "
+                             "code 0.0166)")
     parser.add_argument("--xi-start", type=float, help="robust mode: a stricter first threshold")
-    parser.add_argument("--lambda-mono", type=float, default=ROBUST["lambda_mono"],
+    parser.add_argument("--xi-final", type=float,
+                        help="robust mode: the threshold of the mask the fit returns")
+    parser.add_argument("--lambda-mono", type=float,
                         help="robust mode: weight of the white-light prior L_mono (0: off)")
-    parser.add_argument("--lambda-light", type=float, default=ROBUST.get("lambda_light", 0.0),
+    parser.add_argument("--lambda-light", type=float,
                         help="robust mode: weight of the light prior L_light (0: off)")
-    parser.add_argument("--keep-at-least", type=float, default=ROBUST["keep_at_least"],
-                        help="robust mode: keep at least this share of the face region (0: M_pre)")
+    parser.add_argument("--keep-at-least", type=float,
+                        help="robust mode: keep at least this share of the face region while "
+                             "fitting (0: M_pre)")
     parser.add_argument("--out", default=os.path.join("results", "photos"))
     args = parser.parse_args(argv)
-    robust = dict(xi=args.xi, xi_start=args.xi_start, lambda_mono=args.lambda_mono,
-                  lambda_light=args.lambda_light, keep_at_least=args.keep_at_least)
+    robust = fit.robust_settings(args.robust, xi=args.xi, xi_start=args.xi_start,
+                                 xi_final=args.xi_final, lambda_mono=args.lambda_mono,
+                                 lambda_light=args.lambda_light, keep_at_least=args.keep_at_least)
     try:
         result = run(tuple(args.photos), size=args.size, modes=tuple(args.modes),
                      options=dict(steps=args.steps, landmark_steps=args.landmark_steps,
@@ -351,7 +395,7 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "photos.json"), "w") as f:
         json.dump(result["scores"], f, indent=1)
-    table = markdown(result["scores"], modes)
+    table = markdown(result["scores"], modes) + "\n" + summary_markdown(result["scores"], modes)
     with open(os.path.join(args.out, "photos.md"), "w") as f:
         f.write(table)
     figures.figure_photos(os.path.join(args.out, "photos.png"), result["_figure"], modes)

@@ -10,6 +10,7 @@ import data
 import face_models
 import figures
 import fit
+import losses
 import train
 
 SIZE = 96
@@ -98,6 +99,20 @@ def test_robust_mode_masks_the_occluder_out(scene):
     assert visible_error(robust, image, visible) < visible_error(plain, image, visible)
 
 
+def test_robust_mode_returns_m_pre_at_xi_final_without_the_floor(scene):
+    """The fitting masks keep at least half the face at a strict xi; the returned mask is
+    M_pre (Eq. 10) of the final render at xi_final."""
+    model, _, out, _, _, occluded = scene
+    result = fit.fit(occluded, out.landmarks, model, mode="robust", steps=20, landmark_steps=10,
+                     xi=0.001, xi_final=0.05, keep_at_least=0.5)
+    assert result.history[-1]["kept"] > 0.4  # at xi alone almost nothing: the floor's half
+    expected = losses.preliminary_mask(occluded, result.rendered.image, result.rendered.region,
+                                       xi=0.05)
+    assert torch.equal(result.mask, expected)
+    with pytest.raises(ValueError, match="xi_final"):
+        fit.fit(occluded, out.landmarks, model, mode="robust", xi_final=0.0)
+
+
 def test_segmenter_mode_uses_the_segmenter(scene):
     model, _, out, _, occluder, occluded = scene
 
@@ -168,8 +183,28 @@ def test_cli_still_fits_a_synthetic_sample_index(tmp_path):
     assert result.mask.shape == (1, 1, 32, 32)
 
 
+def test_cli_robust_setting_by_name_with_options_in_its_place(face_file, tmp_path, monkeypatch):
+    """An image file gets the "photo" setting, a sample index "paper"; an option given
+    replaces its value; the other modes get `fit`'s own defaults."""
+    calls, real_fit = [], fit.fit
+    monkeypatch.setattr(fit, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
+    path, out = face_file[0], ["--size", "32", "--out", str(tmp_path)] + CLI_FAST
+    fit.main([path] + out)
+    fit.main(["0"] + out)
+    fit.main([path, "--robust", "paper", "--xi", "0.05", "--lambda-light", "1"] + out)
+    fit.main([path, "--mode", "plain"] + out)
+    names = list(fit.ROBUST_SETTINGS["photo"])
+    chosen = [{name: call[name] for name in names} for call in calls]
+    assert chosen[0] == fit.ROBUST_SETTINGS["photo"]
+    assert chosen[1] == fit.ROBUST_SETTINGS["paper"]
+    assert chosen[2] == {**fit.ROBUST_SETTINGS["paper"], "xi": 0.05, "lambda_light": 1.0}
+    assert chosen[3] == fit.ROBUST_SETTINGS["paper"]
+
+
 @pytest.mark.parametrize("case, expected", [
     ("missing file", "nothere.png: no such file"),
+    ("robust setting for plain", "--robust names the settings of --mode robust"),
+    ("bad keep", "--keep-at-least is a share in [0, 1)"),
     ("no csv row", "no row for face.png"),
     ("no csv", "python data.py prepare PHOTOS OUT"),
     ("segmenter without run", "--mode segmenter needs a trained segmenter"),
@@ -182,6 +217,8 @@ def test_cli_rejects_bad_input(face_file, tmp_path, capsys, case, expected):
             "no csv row": [path, "--landmarks", str(tmp_path / "other.csv")],
             "no csv": [path, "--landmarks", str(tmp_path / "none.csv")],
             "segmenter without run": [path, "--mode", "segmenter"],
+            "robust setting for plain": [path, "--mode", "plain", "--robust", "photo"],
+            "bad keep": [path, "--keep-at-least", "1"],
             "bad run": [path, "--mode", "segmenter", "--run", str(tmp_path)]}[case]
     with pytest.raises(SystemExit):
         fit.main(argv + ["--size", "32", "--out", str(tmp_path / "out")] + CLI_FAST)
