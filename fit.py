@@ -11,8 +11,11 @@ term (Eq. 5):
 - `plain`: M = 1 on every rendered pixel, so occluders drag the fit (MoFA's failure, Fig. 3);
 - `robust`: M = M_pre of Eq. 9-10, re-estimated from the current fit every `mask_every`
   steps: per-image EM in the spirit of Egger et al. 2018, which FOCUS learns to amortise
-  (optionally strict at first, `xi_start`, with a white-light prior, `lambda_mono`, and a
-  prior over the light's brightness and direction, `lambda_light`);
+  (optionally strict at first, `xi_start`, keeping at least a share of the face,
+  `keep_at_least`, with a white-light prior, `lambda_mono`, and a prior over the light's
+  brightness and direction, `lambda_light`; the returned mask at its own `xi_final`). Two
+  named settings, `ROBUST_SETTINGS`: "paper" (xi = 0.17, none of the options; `fit`'s
+  defaults) and "photo" (chosen on real photos, where "paper" finds almost no scarf);
 - `segmenter`: M = S(I_R, I_T) from a trained FOCUS segmenter, re-estimated the same way.
 
 Conventions: images (B, 3, H, W) in [0, 1]; landmarks (B, 68, 2) pixel coordinates (x right,
@@ -26,12 +29,16 @@ over many images, and one image fitted with it stays near the mean face (the ima
 4.7x instead of 7x on tests/test_fit.py's face). The robust mode's EM alternates a threshold
 mask with fitting, not Egger et al.'s full likelihood models (face, beard, background); its
 light prior L_light is a Gaussian over the lights the synthetic faces are drawn with, not their
-prior learnt from real photos. `coarse_to_fine` fits at a smaller size first.
+prior learnt from real photos. The "photo" setting returns a mask at a more lenient
+threshold than it fits with (`decoder_and_e_step`). `coarse_to_fine` fits at a smaller size
+first.
 
-Run `python fit.py 3 --mode robust` to fit held-out synthetic sample 3, or
+Run `python fit.py 3 --mode robust` to fit held-out synthetic sample 3 (robust setting
+"paper", as `evaluate.py fitting` fits such faces), or
 `python fit.py photo.jpg --landmarks landmarks.csv --mode robust` to fit an image file with its
-68 landmarks (a CSV row in the official format; aligned like `data.ImageFolderFaces`); add
-`--mode segmenter --run RUN_DIR` to use a trained FOCUS segmenter. Writes into out/fit/;
+68 landmarks (a CSV row in the official format; aligned like `data.ImageFolderFaces`; robust
+setting "photo"); `--robust paper|photo` chooses the other. Add `--mode segmenter --run
+RUN_DIR` to use a trained FOCUS segmenter. Writes into out/fit/;
 `python -m pytest -q tests/test_fit.py` tests this module.
 """
 import argparse
@@ -478,22 +485,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="needed by --mode segmenter: a train.py run whose finished 'em' stage "
                              "gives the segmenter; its image_size and face_model replace --size "
                              "and --face-model")
+    named = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items())
+                      for name, values in ROBUST_SETTINGS.items())
     parser.add_argument("--robust", choices=sorted(ROBUST_SETTINGS),
-                        help="--mode robust: the named settings (fit.ROBUST_SETTINGS) that the "
-                             "options below override. 'photo' (default for an image file): "
-                             "measured on real photos (docs/photos.md), where the paper's setting "
-                             "finds almost no scarf; xi 0.04, xi-final 0.08, keep-at-least 0.5, "
-                             "lambda-mono 10, lambda-light 0.1. 'paper' (default for a sample "
-                             "index, where it fits as well): the paper's threshold after Egger "
-                             "et al., xi 0.17, no floor, no light prior")
+                        help=f"--mode robust: the named settings that the options below override "
+                             f"({named}). 'photo', the default for an image file, was chosen on "
+                             f"real photos (docs/photos.md), where 'paper' finds almost no scarf. "
+                             f"'paper', the default for a sample index (as evaluate.py fitting "
+                             f"fits synthetic faces): the paper's threshold after Egger et al. "
+                             f"(Eq. 10), no floor, no light prior")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--landmark-steps", type=int, default=100)
     parser.add_argument("--xi", type=float,
                         help="robust mode: the M_pre threshold while fitting (Eq. 10; paper 0.17, "
                              "official code 0.0166); default: the --robust setting's")
     parser.add_argument("--xi-final", type=float,
-                        help="robust mode: the threshold of the mask the fit returns (default: "
-                             "the --robust setting's; none: --xi)")
+                        help="robust mode: the threshold of the mask the fit returns; default: "
+                             "the --robust setting's ('paper': --xi)")
     parser.add_argument("--mask-every", type=int, default=10,
                         help="re-estimate the mask every this many steps (robust, segmenter)")
     parser.add_argument("--lambda-reg", type=float, default=0.01,
@@ -583,7 +591,8 @@ def mask_and_light_settings(args, parser, *, sample_index: bool) -> dict:
         name if args.mode == "robust" else "paper", xi=args.xi, xi_start=args.xi_start,
         xi_final=args.xi_final, keep_at_least=args.keep_at_least,
         lambda_mono=args.lambda_mono, lambda_light=args.lambda_light)
-    thresholds = [settings[k] for k in ("xi", "xi_start", "xi_final") if settings.get(k) is not None]
+    thresholds = [settings.get(k) for k in ("xi", "xi_start", "xi_final")]
+    thresholds = [x for x in thresholds if x is not None]
     if min(settings["lambda_mono"], settings["lambda_light"]) < 0 or min(thresholds) <= 0:
         parser.error("--lambda-mono and --lambda-light must be >= 0, --xi, --xi-start and "
                      "--xi-final > 0")
