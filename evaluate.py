@@ -767,7 +767,8 @@ def write_figures(out: str, methods: List[Method], rows: dict, sets: Dict[str, d
 
 def oracle_points(methods: List[Method], rows: dict, cfgs: dict) -> tuple:
     """(curves, marks) of `figures.figure_oracle`: each oracle row's F1 against its R's RMSE
-    on unoccluded faces, one curve per mask (S per eta), and the trained R's FOCUS rows."""
+    on unoccluded faces (and its noise), one curve per mask (S per eta), and the trained R's
+    FOCUS rows."""
     def point(label):
         s = rows[label]
         return s["unoccluded"]["rmse"]["mean"], {g: s[g]["F1"]["mean"] for g in s
@@ -780,21 +781,25 @@ def oracle_points(methods: List[Method], rows: dict, cfgs: dict) -> tuple:
         name = ("S, eta %g/%g" % (cfg.eta_area, cfg.eta_bin) if m.mask == "segmenter"
                 else row_base(m.label))
         rmse, f1 = point(m.label)
-        if all(abs(rmse - other) > 1e-6 for other, _ in curves.get(name, [])):
-            curves.setdefault(name, []).append((rmse, f1))  # M_pre, whole: once per noise
+        if all(abs(rmse - other[0]) > 1e-6 for other in curves.get(name, [])):
+            # M_pre and the whole region once per noise level
+            curves.setdefault(name, []).append((rmse, f1, cfg.oracle_noise))
     marks = {f"S, the trained R ({m.r})": point(m.label) for m in methods
              if row_base(m.label) == "FOCUS" and m.r != "oracle R"}
     return curves, marks
 
 
-def fit_rmse(sets: Dict[str, dict], face_model, *, count: int = 16, device: str = "cpu") -> float:
-    """The image RMSE of a per-image robust fit (`fit.fit`, 100 landmark + 100 full steps from
-    the mean face) on the first `count` unoccluded test faces: where a fitting R can be."""
-    faces = {k: v[:count].to(device) for k, v in sets["unoccluded"].items()}
-    result = fit.fit(faces["image"], faces["landmarks"], face_model.to(device), mode="robust",
-                     steps=100, landmark_steps=100)
-    return image_rmse(result.rendered.image, faces["image"], faces["visible_face"],
-                      result.rendered.region).nanmean().item()
+def fit_rmse(sets: Dict[str, dict], face_model, *, device: str = "cpu") -> float:
+    """The mean image RMSE of a per-image robust fit (`fit.fit`, 100 landmark + 100 full steps
+    from the mean face) on the unoccluded test faces: how well R can fit them at all."""
+    faces, errors = sets["unoccluded"], []
+    for first in range(0, faces["image"].shape[0], 32):
+        part = {k: v[first:first + 32].to(device) for k, v in faces.items()}
+        result = fit.fit(part["image"], part["landmarks"], face_model.to(device),
+                         mode="robust", steps=100, landmark_steps=100)
+        errors.append(image_rmse(result.rendered.image, part["image"], part["visible_face"],
+                                 result.rendered.region))
+    return torch.cat(errors).nanmean().item()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -231,7 +231,8 @@ def figure_oracle(path: str, curves: dict, marks: dict, *, lines: Optional[dict]
     """How well R must fit for S to learn: mask F1 against R's image RMSE on unoccluded faces.
 
     Args:
-        curves: {line label: [(rmse, {subset: F1}), ...]} over the oracle's noise levels.
+        curves: {line label: [(rmse, {subset: F1}, noise), ...]} over the oracle's noise
+            levels; the S curves are annotated with the noise.
         marks: {point label: (rmse, {subset: F1})}, e.g. the trained R in one pass and refined.
         lines: {label: rmse} drawn as vertical lines (e.g. a per-image fit's RMSE).
     """
@@ -243,11 +244,15 @@ def figure_oracle(path: str, curves: dict, marks: dict, *, lines: Optional[dict]
             points = sorted(points, key=lambda p: p[0])
             ax.plot([p[0] for p in points], [p[1].get(subset, float("nan")) for p in points],
                     "o-" if label.startswith("S") else "s--", label=label, ms=4)
+            if label.startswith("S"):
+                for rmse, f1, noise in points:
+                    ax.annotate(f"{noise:g}", (rmse, f1.get(subset, float("nan"))), fontsize=6,
+                                textcoords="offset points", xytext=(3, 3))
         for (label, (rmse, f1)), marker in zip(marks.items(), "*Pv^"):
             ax.plot([rmse], [f1.get(subset, float("nan"))], marker, ms=11, label=label)
         for (label, rmse), colour in zip((lines or {}).items(), ("grey", "black")):
             ax.axvline(rmse, color=colour, lw=0.8, ls=":", label=f"{label} (RMSE {rmse:.1f})")
-        ax.set_xlabel("R's image RMSE on unoccluded faces (0-255)")
+        ax.set_xlabel("R's image RMSE on unoccluded faces (0-255); numbers: oracle noise")
         ax.set_ylabel(f"mask F1, {subset}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)

@@ -28,3 +28,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_face_model():
+    """The `tiny` preset's face model, built with one torch thread (the toy model's bases
+    depend, in the last bits, on the threads)."""
+    import config
+    import face_models
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = face_models.load_face_model(config.make_config("tiny").face_model)
+    torch.set_num_threads(threads)
+    return model

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 import bfm
 import config
 import evaluate
-import face_models
 import fit
 import focus
 import losses
@@ -26,12 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def face_model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the toy model's bases depend (in the last bits) on the threads
-    model = face_models.load_face_model(TINY.face_model)
-    torch.set_num_threads(threads)
-    return model
+def face_model(tiny_face_model):
+    return tiny_face_model
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 import bfm
 import config
-import face_models
 import focus
 import losses
 import runs
@@ -31,12 +30,8 @@ TINY = config.make_config("tiny")
 
 
 @pytest.fixture(scope="module")
-def face_model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the toy model's bases depend (in the last bits) on the threads
-    model = face_models.load_face_model(TINY.face_model)
-    torch.set_num_threads(threads)
-    return model
+def face_model(tiny_face_model):
+    return tiny_face_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
