@@ -252,7 +252,7 @@ def figure_oracle(path: str, curves: dict, marks: dict, *, lines: Optional[dict]
             ax.plot([rmse], [f1.get(subset, float("nan"))], marker, ms=11, label=label)
         for (label, rmse), colour in zip((lines or {}).items(), ("grey", "black")):
             ax.axvline(rmse, color=colour, lw=0.8, ls=":", label=f"{label} (RMSE {rmse:.1f})")
-        ax.set_xlabel("R's image RMSE on unoccluded faces (0-255); numbers: oracle noise")
+        ax.set_xlabel("R's RMSE, unoccluded faces (labels: oracle noise)")
         ax.set_ylabel(f"mask F1, {subset}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
