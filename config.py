@@ -211,6 +211,11 @@ def validate(cfg: Config) -> None:
                          "(--perceptual dlib or arcface:PATH)")
 
 
+def refines(cfg: Config) -> bool:
+    """R is the encoder's estimate refined by fitting steps (`fit.refine`), not its one pass."""
+    return cfg.refine_steps > 0 or cfg.refine_landmark_steps > 0
+
+
 def has_segmenter(cfg: Config) -> bool:
     """FOCUS trains the segmenter S; the baselines (MoFA, supervised, cutout, cutmix) do not."""
     return cfg.variant == "focus"

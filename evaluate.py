@@ -67,7 +67,7 @@ import fit
 import focus
 import losses
 import runs
-from config import EVAL_SEED, ORACLE_NOISE_SEED, SKIN_SEED
+from config import EVAL_SEED, ORACLE_NOISE_SEED, SKIN_SEED, refines
 from losses import image_rmse  # the image metric, shared with training's held-out log
 
 SUBSETS = ("unoccluded", "glasses", "scarf", "hand", "random")
@@ -282,7 +282,7 @@ def methods_of_run(run_dir: str) -> List[Method]:
         return [Method(label + suffix, run_dir, stage, mask, "oracle R")
                 for label, stage, mask in FOCUS_ROWS
                 if stage in finished and mask in ("segmenter", "preliminary", "whole")]
-    refined = cfg.refine_steps > 0 or cfg.refine_landmark_steps > 0
+    refined = refines(cfg)
     if cfg.variant != "focus" or cfg.segmenter_losses != "full":
         label = (VARIANT_LABELS.get(cfg.variant) if cfg.variant != "focus"
                  else ABLATION_LABELS[cfg.segmenter_losses])
@@ -350,18 +350,24 @@ def r_output(method: Method, faces: dict, autoencoder, segmenter, cfg) -> focus.
     plainly without a segmenter; or the oracle's render of each face's own theta."""
     images = faces["image"]
     if method.r == "oracle R":
-        g = torch.Generator().manual_seed(ORACLE_NOISE_SEED)
-        theta = focus.oracle_theta(faces["theta"], noise=cfg.oracle_noise, generator=g)
-        with torch.no_grad():
-            return autoencoder.decode(theta, height=images.shape[-2], width=images.shape[-1])
+        return focus.oracle_render(autoencoder, faces["theta"], noise=cfg.oracle_noise,
+                                   seed=ORACLE_NOISE_SEED, height=images.shape[-2],
+                                   width=images.shape[-1])
     if method.r == "one pass":
         with torch.no_grad(), focus.eval_mode(autoencoder):
             return autoencoder(images)
-    mode = ("plain" if segmenter is None else
-            "robust" if method.mask == "preliminary" else "segmenter")
+    mode = refine_mode(method, segmenter)
     return fit.refine(images, faces["landmarks"], autoencoder, steps=cfg.refine_steps,
                       landmark_steps=cfg.refine_landmark_steps, mode=mode,
                       segmenter=segmenter if mode == "segmenter" else None, xi=cfg.xi)
+
+
+def refine_mode(method: Method, segmenter) -> str:
+    """The mask `fit.refine` fits a refined R with: plain without a segmenter, M_pre (robust)
+    for the init's M_pre row, else the method's segmenter."""
+    if segmenter is None:
+        return "plain"
+    return "robust" if method.mask == "preliminary" else "segmenter"
 
 
 def cached_r_output(method: Method, faces: dict, models, renders: Optional[dict],
@@ -370,8 +376,7 @@ def cached_r_output(method: Method, faces: dict, models, renders: Optional[dict]
     R it is (run, checkpoint, kind of R, refinement's mask) and `where` (subset, first index):
     the rows that share an R refine it once."""
     cfg, autoencoder, segmenter = models
-    key = (method.run_dir, method.stage, method.r,
-           method.mask == "preliminary" and method.r == "refined", *where)
+    key = (method.run_dir, method.stage, method.r, refine_mode(method, segmenter), *where)
     if renders is not None and key in renders:
         return renders[key]
     tic = time.perf_counter()

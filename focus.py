@@ -19,9 +19,10 @@ Paper map (Li et al., CVPR 2023, Sec. 3.1 and Fig. 2; Sec. 4.1; Supp. A.2):
   one fit.py fits through; `reconstruct` is the inference path of Fig. 2b (reconstruction and
   mask in one call, without gradients); `apply_misfit_prior` corrects a predicted shape by the
   misfit prior, P - E_MP (Sec. 3.4).
-- `oracle_theta`: not in the paper. The parameters of an oracle R, each synthetic face's own
-  theta with optional noise on identity, expression and albedo: an R that fits as well as
-  wanted, to measure how good R must be for S to learn outliers (train.py `r_source`).
+- `oracle_theta`, `oracle_render`: not in the paper. The parameters of an oracle R, each
+  synthetic face's own theta with optional noise on identity, expression and albedo, and their
+  render: an R that fits as well as wanted, to measure how good R must be for S to learn
+  outliers (train.py `r_source`).
 
 Conventions: B batch, V vertices, H x W image. Images (B, 3, H, W) with values in [0, 1];
 masks (B, 1, H, W); vertices (B, V, 3) in model space, millimetres. Every network takes its
@@ -426,6 +427,16 @@ def oracle_theta(theta: torch.Tensor, *, noise: float = 0.0,
         part.shape, generator=generator, dtype=part.dtype).to(part.device)  # (B, n)
     return parts._replace(id=jitter(parts.id), exp=jitter(parts.exp),
                           albedo=jitter(parts.albedo))
+
+
+def oracle_render(autoencoder: "FaceAutoencoder", theta: torch.Tensor, *, noise: float, seed: int,
+                  height: int, width: int) -> AutoencoderOutput:
+    """The oracle R's render of faces whose true theta (B, 257) is known: `oracle_theta` with
+    its noise drawn from a generator seeded `seed`, decoded without gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return autoencoder.decode(oracle_theta(theta, noise=noise, generator=generator),
+                                  height=height, width=width)
 
 
 class Reconstruction(NamedTuple):

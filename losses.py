@@ -682,24 +682,20 @@ def autoencoder_loss(target: Tensor, rendered: Tensor, mask: Tensor, region: Ten
     _check_mask("mask", mask, B, H, W)
     _check_mask("region", region, B, H, W)
     kept = mask * _inside(region)  # (B, 1, H, W)
-    terms = {
-        "L_pixel": pixel_loss(target, rendered, kept, form=pixel_form),
-        "L_lm": landmark_loss(lm_target, lm_pred, lm_weights),
-        "L_reg": regularization(*coefficients),
+    weighted = {  # name: (unweighted term, its weight)
+        "L_pixel": (pixel_loss(target, rendered, kept, form=pixel_form), lambda_pixel),
+        "L_lm": (landmark_loss(lm_target, lm_pred, lm_weights), lambda_lm),
+        "L_reg": (regularization(*coefficients), lambda_reg),
     }
-    weights = {"L_pixel": lambda_pixel, "L_lm": lambda_lm, "L_reg": lambda_reg}
     if sh is not None:
-        terms["L_mono"] = light_colour_loss(sh)
-        weights["L_mono"] = lambda_mono
+        weighted["L_mono"] = (light_colour_loss(sh), lambda_mono)
     if distill is not None:
-        terms["L_distill"] = distillation_loss(*distill)
-        weights["L_distill"] = lambda_distill
+        weighted["L_distill"] = (distillation_loss(*distill), lambda_distill)
     if features is not None:
         with torch.no_grad():
             feat_target = features(target)
-        terms["L_per"] = perceptual_loss(feat_target, features(rendered),
-                                         per_location=per_location)
-        weights["L_per"] = lambda_per
-    terms = {name: terms[name] for name in AUTOENCODER_TERMS if name in terms}
-    total = sum(weights[name] * value for name, value in terms.items())
+        weighted["L_per"] = (perceptual_loss(feat_target, features(rendered),
+                                             per_location=per_location), lambda_per)
+    terms = {name: weighted[name][0] for name in AUTOENCODER_TERMS if name in weighted}
+    total = sum(weighted[name][1] * value for name, value in terms.items())
     return total, terms

@@ -103,7 +103,7 @@ import perceptual
 import runs
 from config import (HELDOUT_FACES, HELDOUT_SEED, ORACLE_NOISE_SEED, PRESETS, PREVIEW_SEED,
                     PRIOR_EVAL_SEED, PRIOR_TRAIN_SEED, SEGMENTER_LOSSES, STAGE_SALT, STAGES,
-                    VARIANTS, Config, has_segmenter, make_config, parse_overrides)
+                    VARIANTS, Config, has_segmenter, make_config, parse_overrides, refines)
 from runs import RunError
 
 
@@ -322,12 +322,10 @@ def r_render(batch: dict, autoencoder, segmenter, cfg: Config, *, stage: str,
     - otherwise the encoder's one forward pass (the paper).
     """
     images = batch["image"]
-    H, W = images.shape[-2:]
     if cfg.r_source == "oracle":
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + ORACLE_NOISE_SEED + step)
-        with torch.no_grad():
-            return autoencoder.decode(focus.oracle_theta(batch["theta"], noise=cfg.oracle_noise,
-                                                         generator=g), height=H, width=W)
+        return focus.oracle_render(autoencoder, batch["theta"], noise=cfg.oracle_noise,
+                                   seed=cfg.seed * 1_000_003 + ORACLE_NOISE_SEED + step,
+                                   height=images.shape[-2], width=images.shape[-1])
     with_s = stage == "em" and segmenter is not None
     return fit.refine(images, batch["landmarks"], autoencoder, steps=cfg.refine_steps,
                       landmark_steps=cfg.refine_landmark_steps,
@@ -340,8 +338,7 @@ def uses_r_render(cfg: Config, stage: str = "em") -> bool:
     where the mask is S's, which S learnt on refined renders. The init stage's M_pre and the
     baselines (no segmenter) take the encoder's own render, as the paper does; so the init's
     thousands of autoencoder steps stay one forward pass each."""
-    return (stage == "em" and cfg.variant == "focus"
-            and (cfg.refine_steps > 0 or cfg.refine_landmark_steps > 0))
+    return stage == "em" and cfg.variant == "focus" and refines(cfg)
 
 
 def face_mask(stage: str, batch: dict, out, segmenter, cfg: Config, *,
@@ -489,7 +486,7 @@ def progress_line(stage: str, step: int, total: int, phase: str, logs: dict,
 def preview_outputs(preview: dict, autoencoder, segmenter, cfg: Config, stage: str):
     """Reconstruction and mask of the preview faces (eval mode, no gradient), on R's render as
     S sees it (`r_render`: refined or oracle) where the run uses one."""
-    if stage != "prior" and (cfg.r_source == "oracle" or uses_r_render(cfg, "em")):
+    if stage != "prior" and (cfg.r_source == "oracle" or uses_r_render(cfg)):
         out = r_render(preview, autoencoder, segmenter, cfg, stage=stage)
         mask = out.region  # (B, 1, H, W)
         if stage == "em":

@@ -79,10 +79,8 @@ def main(argv=None) -> None:
     segmenter = runs.build_models(dataclasses.replace(cfg, variant="focus"),
                                   autoencoder.face_model)[1]
     dataset = train.stage_data("init", cfg, autoencoder.face_model)[0]
-    sets = {subset: {k: v for k, v in faces.items()}
-            for subset, faces in evaluate.test_sets(
-                autoencoder.face_model, cfg.image_size, args.count,
-                seed=config.VALIDATION_SEED, aligned=cfg.aligned_faces).items()}
+    sets = evaluate.test_sets(autoencoder.face_model, cfg.image_size, args.count,
+                              seed=config.VALIDATION_SEED, aligned=cfg.aligned_faces)
     tic = time.perf_counter()
     train_segmenter(cfg, autoencoder, segmenter, dataset, phase="pretrain",
                     steps=args.pretrain_steps, first=0)
