@@ -269,7 +269,9 @@ def methods_of_run(run_dir: str) -> List[Method]:
 
     A run that refines R (`refine_steps` > 0) gives its rows with the refined R under the plain
     labels, and the main ones again with the encoder's one forward pass (", one pass"); an
-    oracle run gives its rows with the oracle's render (", oracle R" and the noise).
+    oracle run gives its rows with the oracle's render: S as ", oracle R (noise s, eta a/b)",
+    and the rows that do not depend on L_S's eta (the whole region, M_pre, S pre-trained on
+    M_pre) as ", oracle R (noise s)"; `check_runs` keeps those once per noise.
     """
     cfg = runs.read_config(run_dir)
     finished = {stage for stage in ("init", "em")
@@ -278,8 +280,10 @@ def methods_of_run(run_dir: str) -> List[Method]:
     if "em" not in finished:
         raise runs.RunError(f"{run_dir}: stage em is not finished (run or --resume it first)")
     if cfg.r_source == "oracle":
-        suffix = f", oracle R (noise {cfg.oracle_noise:g}, eta {cfg.eta_area:g}/{cfg.eta_bin:g})"
-        return [Method(label + suffix, run_dir, stage, mask, "oracle R")
+        noise = f", oracle R (noise {cfg.oracle_noise:g}"
+        eta = f", eta {cfg.eta_area:g}/{cfg.eta_bin:g})"
+        return [Method(label + noise + (eta if label == "FOCUS" else ")"), run_dir, stage, mask,
+                       "oracle R")
                 for label, stage, mask in FOCUS_ROWS
                 if stage in finished and mask in ("segmenter", "preliminary", "whole")]
     refined = refines(cfg)
@@ -504,9 +508,20 @@ def summarize(results: dict) -> dict:
 MASK_ONLY = ("Skin detector", "Whole region", "M_pre", "Residual, oracle xi")
 
 
+def is_oracle(label: str) -> bool:
+    """A row on the oracle's render: a measure of how well R must fit, not a method."""
+    return ", oracle R (" in label
+
+
 def _own_reconstruction(rows: Dict[str, dict]) -> Dict[str, dict]:
-    """The rows with their own R: RMSE and shape of a mask-only row repeat its R's row."""
-    return {label: s for label, s in rows.items() if row_base(label) not in MASK_ONLY}
+    """The rows with their own R, by R's name: RMSE and shape of a mask-only row repeat its R's
+    row, and the oracle R of one noise level is one R whatever S does ("Oracle R (noise s)")."""
+    own = {}
+    for label, s in rows.items():
+        if row_base(label) in MASK_ONLY or is_oracle(label) and row_base(label) != "Pretrained":
+            continue
+        own["Oracle R" + label.split(", oracle R")[1] if is_oracle(label) else label] = s
+    return own
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -585,7 +600,7 @@ def tables_markdown(rows: Dict[str, dict], tests: Dict[str, dict], info: dict) -
              f" {info['size']} x {info['size']}, seed {EVAL_SEED}; face model "
              f"{info['face_model']!r}. Masks rounded at 0.5; metrics inside the rendered region, "
              f"face = positive." + (" FOCUS here trains without the perceptual network F "
-                                    f"(perceptual = 'none'): it is the Neighbor ablation."
+                                    "(perceptual = 'none'): it is the Neighbor ablation."
                                     if info.get("without_f") else ""),
              *([f"Residual, oracle xi: xi = {rows['Residual, oracle xi']['xi']:.3g} "
                 f"(M_pre uses {info['xi']:g})."] if "Residual, oracle xi" in rows else []),
@@ -593,10 +608,11 @@ def tables_markdown(rows: Dict[str, dict], tests: Dict[str, dict], info: dict) -
                 f"{info['refine_steps']} fitting steps (`fit.refine`, a CPU-scale deviation "
                 f"from the paper); rows ending ', one pass' use the encoder's one forward pass, "
                 f"as the paper does."] if info.get("refine_steps") else []),
-             *(["Rows with ', oracle R (noise s)' render each test face's own theta with s "
+             *(["Rows with 'oracle R (noise s)' render each test face's own theta with s "
                 "standard deviations of noise on identity, expression and albedo (not a "
-                "method: how well R must fit for S to learn)."]
-               if any("oracle R" in label for label in rows) else []),
+                "method: how well R must fit for S to learn); 'eta a/b' is the eta_area / "
+                "eta_bin S trained with. The misfit-prior and timing tables leave them out."]
+               if any(is_oracle(label) for label in rows) else []),
              "### Image fit: RMSE (0-255) inside the visible face (paper Tab. 1)",
              table_rmse(rows),
              "### Shape: neutral-shape error (mm) after rigid alignment (paper Tab. 3, Supp. "
@@ -622,7 +638,8 @@ def tables_markdown(rows: Dict[str, dict], tests: Dict[str, dict], info: dict) -
         parts.append("\n".join(lines))
     speed = ["### Time per image (R forward + mask, batch 32, evaluation device)",
              "| method | ms per image |", "|---|---|"]
-    speed += [f"| {label} | {1000 * s['seconds_per_image']:.1f} |" for label, s in rows.items()]
+    speed += [f"| {label} | {1000 * s['seconds_per_image']:.1f} |" for label, s in rows.items()
+              if not is_oracle(label)]
     parts.append("\n".join(speed))
     return "\n\n".join(parts) + "\n"
 
@@ -661,9 +678,18 @@ def qualitative_columns(methods: List[Method], sets: Dict[str, dict], *, skin_mo
 
 def check_runs(run_dirs: List[str]) -> tuple:
     """(the rows the runs give, sorted as the tables show them, {run dir: Config}); RunError
-    when two runs give the same row or the runs differ in face model, image size or alignment."""
+    when two runs give the same row or the runs differ in face model, image size or alignment.
+    Oracle runs of one noise level share the rows that do not depend on eta: the first gives
+    them."""
     methods = sorted((m for r in run_dirs for m in methods_of_run(r)),
                      key=lambda m: ROW_ORDER.index(row_base(m.label)))
+    seen, kept = set(), []
+    for m in methods:
+        if m.r == "oracle R" and row_base(m.label) != "FOCUS" and m.label in seen:
+            continue  # given by an oracle run of the same noise
+        seen.add(m.label)
+        kept.append(m)
+    methods = kept
     if len({m.label for m in methods}) != len(methods):
         raise runs.RunError("two runs give the same row; pass each variant once")
     cfgs = {r: runs.read_config(r) for r in run_dirs}
@@ -714,7 +740,7 @@ def evaluate_runs(run_dirs: List[str], *, out: str = "results", count: int = 100
         if method.label in ("MoFA", "FOCUS"):
             occluded_rmse[method.label] = pooled(raw, [s for s in OCCLUDED if s in raw], "rmse")
         if prior is not None and method.mask in (None, "segmenter") and method.label != \
-                "Pretrained":
+                "Pretrained" and method.r != "oracle R":
             tests[method.label] = paired_t_test(pooled(raw, subsets, "shape"),
                                                 pooled(raw, subsets, "shape_mp"))
     info = {"count": count, "subsets": list(subsets), "size": reference.image_size,
@@ -751,8 +777,9 @@ def write_figures(out: str, methods: List[Method], rows: dict, sets: Dict[str, d
     """per_subset.png, qualitative.png, misfit_prior.png (with a prior) and the FOCUS run's
     em_progress.png in `out`."""
     subsets = [s for s in SUBSETS if any(s in r for r in rows.values())]
-    figures.figure_per_subset(os.path.join(out, "per_subset.png"), rows, subsets,
-                              _own_reconstruction(rows))
+    methods_only = {label: s for label, s in rows.items() if not is_oracle(label)}
+    figures.figure_per_subset(os.path.join(out, "per_subset.png"), methods_only, subsets,
+                              _own_reconstruction(methods_only))
     shown = [m for m in methods if m.label in ("MoFA", "Supervised", "Skin detector",
                                                "Pretrained", "FOCUS")]
     columns, row_labels = qualitative_columns(shown, sets, skin_model=skin_model, models=models,

@@ -78,15 +78,13 @@ SWEEP_EXPERIMENTS = (
       for name, values in SWEEP.items() for value in values),
 )
 # the oracle R (docs/levers.md): S alone on each face's own theta with noise, with the paper's
-# eta and the one-pass R's re-balanced eta, 100 pre-training + 200 L_S steps (2 EM rounds of
-# 100 S steps)
+# eta and the one-pass R's re-balanced eta, on the preset's own schedule for S (`cpu`: 200
+# pre-training + 450 L_S steps, 3 EM rounds of 150)
 ORACLE_NOISE = (0.0, 0.25, 0.5, 1.0)
 ORACLE_ETA = {"paper": (0.5, 10.0), "rebalanced": (4.0, 1.0)}
 ORACLE_EXPERIMENTS = tuple(
     Experiment(f"oracle-{noise:g}-{eta}", ("--r-source", "oracle", "--oracle-noise", str(noise),
-                                          "--eta-area", str(area), "--eta-bin", str(binary),
-                                          "--init-seg-steps", "100", "--em-steps", "1200",
-                                          "--em-cycle", "600", "--em-ae-steps", "500"),
+                                          "--eta-area", str(area), "--eta-bin", str(binary)),
                ("init", "em"))
     for eta, (area, binary) in ORACLE_ETA.items() for noise in ORACLE_NOISE)
 GROUPS = {"tables": EXPERIMENTS, "sweep": SWEEP_EXPERIMENTS, "oracle": ORACLE_EXPERIMENTS,

@@ -188,8 +188,8 @@ def figure_per_subset(path: str, rows: dict, subsets: list, shape_rows: dict) ->
         labels = [l for l, r in shown.items() if metric in r.get("overall", {})]
         width = 0.8 / max(len(labels), 1)
         for i, label in enumerate(labels):
-            means = [rows[label][s][metric]["mean"] for s in subsets]
-            stds = [rows[label][s][metric]["std"] for s in subsets]
+            means = [shown[label][s][metric]["mean"] for s in subsets]
+            stds = [shown[label][s][metric]["std"] for s in subsets]
             x = np.arange(len(subsets)) + (i - (len(labels) - 1) / 2) * width
             ax.bar(x, means, width, yerr=stds, label=label, capsize=2)
         ax.set_xticks(np.arange(len(subsets)), subsets)

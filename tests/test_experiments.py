@@ -68,4 +68,8 @@ def test_oracle_group_covers_every_noise_and_eta_with_valid_options():
         cfg = config.make_config("cpu", **config.parse_overrides(list(experiment.options)))
         assert cfg.r_source == "oracle" and experiment.stages == ("init", "em")
         assert (cfg.eta_area, cfg.eta_bin) in experiments.ORACLE_ETA.values()
-        assert train.stage_steps("init", cfg) == 100 and train.stage_steps("em", cfg) == 200
+        # S's schedule is the preset's: what the default run's S gets
+        preset = config.make_config("cpu")
+        assert train.stage_steps("init", cfg) == preset.init_seg_steps
+        rounds = preset.em_steps // preset.em_cycle
+        assert train.stage_steps("em", cfg) == rounds * (preset.em_cycle - preset.em_ae_steps)

@@ -3,6 +3,8 @@ own theta) and the refined R (`fit.refine`, the encoder's estimate plus K fittin
 use in training (`train.r_render`, `r_source`, `refine_steps`, `lambda_distill`) and their
 rows in evaluation. Everything runs the `tiny` preset's sizes."""
 import dataclasses
+import os
+import shutil
 
 import pytest
 import torch
@@ -106,10 +108,17 @@ def test_oracle_run_trains_the_segmenter_only(tmp_path, face_model):
     with pytest.raises(runs.RunError, match="oracle"):
         train.stage_steps("prior", cfg)
     rows = evaluate.methods_of_run(run_dir)
-    suffix = ", oracle R (noise 0.25, eta 4/1)"
-    assert [m.label for m in rows] == [f"{name}{suffix}" for name in
-                                       ("FOCUS", "Whole region", "Pretrained", "M_pre")]
+    assert [m.label for m in rows] == ["FOCUS, oracle R (noise 0.25, eta 4/1)"] + [
+        f"{name}, oracle R (noise 0.25)" for name in ("Whole region", "Pretrained", "M_pre")]
     assert {m.r for m in rows} == {"oracle R"}
+    # a second run of the same noise with other eta adds its S row only
+    other = str(tmp_path / "oracle-paper-eta")
+    shutil.copytree(run_dir, other)
+    os.remove(os.path.join(other, "config.json"))
+    runs.prepare_run_dir(other, dataclasses.replace(cfg, eta_area=0.5, eta_bin=10.0))
+    methods, _ = evaluate.check_runs([run_dir, other])
+    assert sorted(m.label for m in methods) == sorted(
+        [m.label for m in rows] + ["FOCUS, oracle R (noise 0.25, eta 0.5/10)"])
 
 
 # ----------------------------------------------------------------------------- the refined R
