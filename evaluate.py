@@ -812,10 +812,8 @@ def oracle_points(methods: List[Method], rows: dict, cfgs: dict) -> tuple:
         cfg = cfgs[m.run_dir]
         name = ("S, eta %g/%g" % (cfg.eta_area, cfg.eta_bin) if m.mask == "segmenter"
                 else row_base(m.label))
-        rmse, f1 = point(m.label)
-        if all(abs(rmse - other[0]) > 1e-6 for other in curves.get(name, [])):
-            # M_pre and the whole region once per noise level
-            curves.setdefault(name, []).append((rmse, f1, cfg.oracle_noise))
+        rmse, f1 = point(m.label)  # `check_runs` gave M_pre and the whole region once per noise
+        curves.setdefault(name, []).append((rmse, f1, cfg.oracle_noise))
     marks = {f"S, the trained R ({m.r})": point(m.label) for m in methods
              if row_base(m.label) == "FOCUS" and m.r != "oracle R"}
     return curves, marks
