@@ -40,7 +40,7 @@ toy model with the same interface (`toy_face.py`), and real models load from use
 `python -m pytest -q tests/test_bfm.py` tests this module; `python face_models.py` builds the
 toy model and prints its summary.
 """
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -155,22 +155,29 @@ class MorphableModel(torch.nn.Module):
     def num_faces(self) -> int:
         return self.triangles.shape[0]
 
-    def vertices(self, id_coeff: torch.Tensor, exp_coeff: torch.Tensor) -> torch.Tensor:
+    def vertices(self, id_coeff: torch.Tensor, exp_coeff: torch.Tensor,
+                 indices: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Shape S = S_mean + sum_k alpha_id_k B_id_k + sum_k alpha_exp_k B_exp_k (Sec. 3.1).
 
         Args:
             id_coeff: (B, 80) identity coefficients, std units.
             exp_coeff: (B, 64) expression coefficients, std units.
+            indices: (N,) the vertices to compute, e.g. `landmarks` (None: all V). Only their
+                rows of the bases enter the products: fitting's landmark stage needs 68
+                vertices, not thousands.
         Returns:
-            (B, V, 3) vertices in model space, mm.
+            (B, V, 3) vertices in model space, mm ((B, N, 3) with `indices`).
         """
         B = _check_coeff(id_coeff, THETA_SIZES["id"], "id_coeff")
         _check_coeff(exp_coeff, THETA_SIZES["exp"], "exp_coeff", batch=B)
-        V = self.num_vertices
+        mean, id_basis, exp_basis = self.mean_shape, self.id_basis, self.exp_basis
+        if indices is not None:
+            mean, id_basis, exp_basis = mean[indices], id_basis[:, indices], exp_basis[:, indices]
+        V = mean.shape[0]
         # sum_k alpha_k B_k: one matrix product per basis, on the flattened (K, 3V) bases
-        offsets = id_coeff @ self.id_basis.view(-1, 3 * V)  # (B, 3V)
-        offsets = offsets + exp_coeff @ self.exp_basis.view(-1, 3 * V)  # (B, 3V)
-        return self.mean_shape + offsets.view(B, V, 3)  # (B, V, 3)
+        offsets = id_coeff @ id_basis.reshape(-1, 3 * V)  # (B, 3V)
+        offsets = offsets + exp_coeff @ exp_basis.reshape(-1, 3 * V)  # (B, 3V)
+        return mean + offsets.view(B, V, 3)  # (B, V, 3)
 
     def albedo(self, albedo_coeff: torch.Tensor) -> torch.Tensor:
         """Albedo A = A_mean + sum_k gamma_k B_alb_k (Sec. 3.1), not clamped to [0, 1].

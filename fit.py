@@ -87,7 +87,7 @@ def theta_step(dtype=torch.float32, device=None) -> torch.Tensor:
 class FitResult(NamedTuple):
     theta: torch.Tensor  # (B, 257) the fitted parameters
     rendered: focus.AutoencoderOutput  # the final render (image, region, landmarks, ...)
-    mask: torch.Tensor  # (B, 1, H, W) the last mask used in the pixel term
+    mask: torch.Tensor  # (B, 1, H, W) the final render's mask (`final_mask`) or the last used
     history: list  # one dict per step: step, stage, L_R and its unweighted terms, kept
     snapshots: list  # (step, (B, 3, H, W) render composited over the target) for a strip
 
@@ -114,7 +114,8 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
         lambda_mono: float = 0.0,
         lambda_light: float = 0.0, segmenter: Optional[torch.nn.Module] = None,
         features: Optional[Callable] = None, init: Optional[torch.Tensor] = None,
-        snapshot_every: int = 0, callback: Optional[Callable[[dict], None]] = None) -> FitResult:
+        snapshot_every: int = 0, callback: Optional[Callable[[dict], None]] = None,
+        final_mask: bool = True) -> FitResult:
     """Fit theta to images by gradient descent on L_R (Eq. 8) through the renderer.
 
     Args:
@@ -136,6 +137,8 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
         features: F as a callable images -> features (adds L_per), or None.
         init: theta (B, 257) to start from (`coarse_to_fine`); None: the mean face, facing us.
         snapshot_every, callback: keep a render every this many steps (0: none); f(history row).
+        final_mask: estimate the mask of the final render (robust, segmenter); False returns
+            the last mask of the pixel term and saves an E-step (`refine` needs the render only).
     """
     _check_fit(image, landmarks, mode=mode, segmenter=segmenter, steps=steps,
                landmark_steps=landmark_steps, mask_every=mask_every, xi=xi, xi_start=xi_start,
@@ -168,7 +171,7 @@ def fit(image: torch.Tensor, landmarks: torch.Tensor, model: bfm.MorphableModel,
     theta = (free * step_scale).detach()
     with torch.no_grad():  # the final render and mask
         out = draw(theta)
-        mask = e_step(None, out) if mode != "plain" else mask
+        mask = e_step(None, out) if mode != "plain" and final_mask else mask
     return FitResult(theta, out, mask * out.region, history, snapshots)
 
 
@@ -237,7 +240,7 @@ def refine(images: torch.Tensor, landmarks: torch.Tensor, autoencoder: focus.Fac
     with torch.enable_grad(), focus.eval_mode(autoencoder, segmenter):
         fitted = fit(images, landmarks, autoencoder.face_model, mode=mode, steps=steps,
                      landmark_steps=landmark_steps, segmenter=segmenter, xi=xi, init=start,
-                     lambda_reg=lambda_reg, lr=lr)
+                     lambda_reg=lambda_reg, lr=lr, final_mask=False)
     return fitted.rendered
 
 
@@ -341,7 +344,7 @@ def landmark_stage_loss(parts: bfm.Theta, model: bfm.MorphableModel, landmarks: 
     Returns:
         (scalar loss, dict of the unweighted terms).
     """
-    vertices = model.vertices(parts.id, parts.exp)[:, model.landmarks]  # (B, 68, 3)
+    vertices = model.vertices(parts.id, parts.exp, indices=model.landmarks)  # (B, 68, 3)
     points = renderer.project(renderer.camera_transform(vertices, parts.pose), height=height,
                               width=width)  # (B, 68, 3)
     terms = {"L_lm": losses.landmark_loss(landmarks, points[..., :2], lm_weights),

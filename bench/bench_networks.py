@@ -5,11 +5,13 @@ perceptual network F (dlib's ResNet with the aligned crop, gradients to the imag
 whole evaluation of L_S and of L_R (networks + F + `losses.py`, forward and backward) in
 training mode (batch-norm statistics, dropout) at 224 x 224, at the paper's width (64) and at
 the `cpu` preset's width (16), for one batch size (the paper trains with batch 12; a slow CPU
-may need `--batch 2`). Reports forward (with autograd), backward and total ms per image
+may need `--batch 2`), with the weights channels-last as `runs.build_models` lays them out
+(`--memory-format contiguous` for the default layout). Reports forward (with autograd), backward and total ms per image
 (fastest of `--repeats` steps after `--warmup` steps), images/s and peak memory (CUDA only).
 
     python bench/bench_networks.py --batch 2                 # CPU
     python bench/bench_networks.py --device cuda --batch 12
+    python bench/bench_networks.py --size 64 --batch 16 --widths 16 --memory-format contiguous
 Prints a markdown table and writes JSON to bench/results/networks_<device>.json.
 """
 import argparse
@@ -130,9 +132,9 @@ NETWORKS = [("encoder", encoder_step, True), ("unet", unet_step, True),
             ("L_R (R + F + losses)", autoencoder_loss_step, True)]
 
 
-def bench(name, builder, width, batch, size, device, repeats, warmup):
+def bench(name, builder, width, batch, size, device, repeats, warmup, memory_format):
     net, forward, loss = builder(width, batch, size, device)
-    net.train()
+    net.to(memory_format=memory_format).train()
     params = sum(p.numel() for p in net.parameters())
     reset_peak_memory(device)
     t_forward, t_backward, t_total = timed_step(net, forward, loss, device, repeats, warmup)
@@ -155,6 +157,8 @@ def main(argv=None):
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 16])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--memory-format", choices=["channels_last", "contiguous"],
+                        default="channels_last", help="the layout of the weights")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args(argv)
     if args.batch < 1 or args.size % 16 or args.size < 32 or args.repeats < 1:
@@ -162,13 +166,16 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    rows = [bench(name, builder, width, args.batch, args.size, device, args.repeats, args.warmup)
+    layout = {"channels_last": torch.channels_last,
+              "contiguous": torch.contiguous_format}[args.memory_format]
+    rows = [bench(name, builder, width, args.batch, args.size, device, args.repeats, args.warmup,
+                  layout)
             for k, width in enumerate(args.widths) for name, builder, widened in NETWORKS
             if widened or k == 0]
 
     machine = device_name(device)
     print(f"networks forward + backward at {args.size} x {args.size}, batch {args.batch}, "
-          f"training mode, on {machine} (torch {torch.__version__})")
+          f"training mode, {args.memory_format} weights, on {machine} (torch {torch.__version__})")
     print("| network | width | parameters | forward ms/img | backward ms/img | total ms/img "
           "| img/s | peak MiB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -180,7 +187,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"networks_{device.type}.json")
     with open(path, "w") as f:
-        json.dump({"machine": machine, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        json.dump({"machine": machine, "torch": torch.__version__,
+                   "memory_format": args.memory_format, "rows": rows}, f, indent=2)
     print(f"wrote {path}")
 
 

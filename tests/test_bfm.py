@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import bfm
 import toy_face
@@ -103,6 +103,20 @@ def test_vertices_backward_is_the_basis(toy):
     (toy.vertices(coeff, torch.zeros(1, 64)) * weights).sum().backward()
     expected = (toy.id_basis * weights).sum(dim=(1, 2))
     assert torch.allclose(coeff.grad[0], expected, rtol=1e-4, atol=1e-3)
+
+
+@given(seed=st.integers(0, 2**16))
+@settings(max_examples=10, deadline=None)
+def test_vertices_of_a_subset_are_those_rows(toy64, seed):
+    # the landmark stage of fitting computes the 68 landmark vertices alone
+    g = torch.Generator().manual_seed(seed)
+    id_coeff, exp_coeff = torch.randn(3, 80, generator=g), torch.randn(3, 64, generator=g)
+    id_coeff, exp_coeff = id_coeff.double(), exp_coeff.double()
+    indices = torch.randint(0, toy64.num_vertices, (68,), generator=g)
+    full = toy64.vertices(id_coeff, exp_coeff)  # (3, V, 3)
+    subset = toy64.vertices(id_coeff, exp_coeff, indices=indices)  # (3, 68, 3)
+    assert subset.shape == (3, 68, 3)
+    torch.testing.assert_close(subset, full[:, indices], rtol=0, atol=1e-9)
 
 
 def test_coefficient_shape_errors(toy):
