@@ -790,11 +790,21 @@ def write_figures(out: str, methods: List[Method], rows: dict, sets: Dict[str, d
     if any(m.r == "oracle R" for m in methods):
         figures.figure_oracle(os.path.join(out, "oracle.png"), *oracle_points(methods, rows, cfgs),
                               lines={"per-image fit": fit_rmse(sets, face_model, device=device)})
-    for r, cfg in cfgs.items():
-        progress = os.path.join(r, "figures", "em_progress.png")
-        if os.path.exists(progress) and cfg.variant == "focus" \
-                and cfg.segmenter_losses == "full":
-            shutil.copyfile(progress, os.path.join(out, "em_progress.png"))
+    source = progress_source(cfgs)
+    if source is not None:
+        shutil.copyfile(os.path.join(source, "figures", "em_progress.png"),
+                        os.path.join(out, "em_progress.png"))
+
+
+def progress_source(cfgs: dict) -> Optional[str]:
+    """The run whose EM progression (Fig. 11) the results show: the first FOCUS run with the
+    full L_S and an R of its own (not the oracle), that has drawn one; None if none has."""
+    for run_dir, cfg in cfgs.items():
+        if (cfg.variant == "focus" and cfg.segmenter_losses == "full"
+                and cfg.r_source != "oracle"
+                and os.path.exists(os.path.join(run_dir, "figures", "em_progress.png"))):
+            return run_dir
+    return None
 
 
 def oracle_points(methods: List[Method], rows: dict, cfgs: dict) -> tuple:

@@ -203,8 +203,8 @@ def build_models(cfg: Config, face_model: bfm.MorphableModel):
     segmenter = focus.UNet(width=cfg.unet_width) if has_segmenter(cfg) else None
     device = torch.device(cfg.device)
     # channels-last weights: the same networks, laid out so that the CPU's convolutions run
-    # faster (the UNet's forward pass 1.6x, the encoder's training step 1.2x, at 64 x 64,
-    # batch 16: bench/bench_networks.py --memory-format); checkpoints load either way
+    # faster (about 1.2x at 64 x 64, batch 16: bench/bench_networks.py --memory-format);
+    # checkpoints load either way
     encoder.to(device, memory_format=torch.channels_last)
     if segmenter is not None:
         segmenter.to(device, memory_format=torch.channels_last)

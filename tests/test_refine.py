@@ -119,6 +119,15 @@ def test_oracle_run_trains_the_segmenter_only(tmp_path, face_model):
     methods, _ = evaluate.check_runs([run_dir, other])
     assert sorted(m.label for m in methods) == sorted(
         [m.label for m in rows] + ["FOCUS, oracle R (noise 0.25, eta 0.5/10)"])
+    # the results' EM progression figure is the trained R's run, never an oracle run's
+    assert os.path.exists(os.path.join(run_dir, "figures", "em_progress.png"))
+    assert evaluate.progress_source({run_dir: cfg, other: cfg}) is None
+    trained = str(tmp_path / "trained")
+    os.makedirs(os.path.join(trained, "figures"))
+    shutil.copyfile(os.path.join(run_dir, "figures", "em_progress.png"),
+                    os.path.join(trained, "figures", "em_progress.png"))
+    cfgs = {run_dir: cfg, trained: dataclasses.replace(cfg, r_source="encoder"), other: cfg}
+    assert evaluate.progress_source(cfgs) == trained
 
 
 # ----------------------------------------------------------------------------- the refined R
