@@ -205,7 +205,7 @@ def build_models(cfg: Config, face_model: bfm.MorphableModel):
     # channels-last weights: the same networks, laid out so that the CPU's convolutions run
     # faster (about 1.2x at 64 x 64, batch 16: bench/bench_networks.py --memory-format);
     # checkpoints load either way
-    encoder.to(device, memory_format=torch.channels_last)
+    encoder.to(memory_format=torch.channels_last)
     if segmenter is not None:
         segmenter.to(device, memory_format=torch.channels_last)
     return autoencoder.to(device), segmenter

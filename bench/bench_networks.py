@@ -6,8 +6,9 @@ whole evaluation of L_S and of L_R (networks + F + `losses.py`, forward and back
 training mode (batch-norm statistics, dropout) at 224 x 224, at the paper's width (64) and at
 the `cpu` preset's width (16), for one batch size (the paper trains with batch 12; a slow CPU
 may need `--batch 2`), with the weights channels-last as `runs.build_models` lays them out
-(`--memory-format contiguous` for the default layout). Reports forward (with autograd), backward and total ms per image
-(fastest of `--repeats` steps after `--warmup` steps), images/s and peak memory (CUDA only).
+(`--memory-format contiguous` for the default layout). Reports forward (with autograd),
+backward and total ms per image (fastest of `--repeats` steps after `--warmup` steps), images/s
+and peak memory (CUDA only).
 
     python bench/bench_networks.py --batch 2                 # CPU
     python bench/bench_networks.py --device cuda --batch 12
